@@ -1,0 +1,305 @@
+"""Building blocks shared by the three backbones: RMSNorm, RoPE, bidirectional SDPA attention
+with the diffusion KV cache, and the forward scaffolding every family's LM class uses.
+
+Shapes: B batch, L canvas length (prompt + generation), l forwarded length (L, or a window of it
+when a cache is used), H query heads, G key/value heads, D head dim, C hidden size, V vocab.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+
+def plain_rope(config) -> bool:
+    """True when the config asks for unscaled RoPE (transformers 5 may fold `rope_theta` into a
+    `rope_scaling`/`rope_parameters` dict with rope_type "default")."""
+    scaling = getattr(config, "rope_scaling", None) or {}
+    return scaling.get("rope_type", scaling.get("type", "default")) == "default"
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back before the weight, as all three official models do."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE tables over the first `dim` channels of each head (`dim < D` for partial rotary).
+    See `apply_rotary` for the two precision modes."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        self.dim = dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids [B, l] -> cos, sin [B, 1, l, dim] in float32
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
+            freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return emb.cos()[:, None], emb.sin()[:, None]
+
+
+
+def apply_rotary(q, k, cos, sin, full_precision: bool):
+    """Rotate q/k [B, H|G, l, D] by cos/sin [B, 1, l, dim]; channels past `dim` pass through."""
+    dtype = q.dtype
+    if full_precision:
+        q, k = q.float(), k.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    dim = cos.shape[-1]
+    return _rotate(q, cos, sin, dim).to(dtype), _rotate(k, cos, sin, dim).to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
+    x_rot, x_pass = x[..., :dim], x[..., dim:]
+    x1, x2 = x_rot[..., : dim // 2], x_rot[..., dim // 2 :]
+    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+
+
+class DiffusionCache:
+    """Key/value buffers over the whole canvas, one pair per layer: [B, G, L, D].
+
+    Filled by a full forward (`use_cache=True` on an empty cache). A later forward of a window
+    `[start, start + l)` writes that window's fresh keys/values into the buffers in place and
+    attends over the whole buffer. With `l = L - start` this is Fast-dLLM's prefix cache
+    (cached prefix + freshly computed suffix); with `l = block` it is the dual cache (cached
+    prefix and suffix, fresh block). In-place writes make it an inference-only structure.
+    """
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        if layer == len(self.keys):
+            if start != 0:
+                raise ValueError("An empty DiffusionCache must be filled by a full forward (start=0).")
+            self.keys.append(k)
+            self.values.append(v)
+            return k, v
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, start : start + k.shape[2]] = k
+        values[:, :, start : start + v.shape[2]] = v
+        return keys, values
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the rows in `index` (used when finished rows leave a batch)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+
+def sdpa(q, k, v, key_mask):
+    """Bidirectional attention. q [B,H,l,D], k/v [B,G,Lk,D], key_mask [B,1,1,Lk] bool or None."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=1)
+        v = v.repeat_interleave(n_rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+
+
+class AttentionMixin:
+    """Projections are created by the family classes under their official names; this mixin
+    holds the shared computation: project, optional qk-norm, RoPE, cache, SDPA, output proj."""
+
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    layer_idx: int
+    rope_full_precision: bool  # LLaDA rotates float32 copies of q/k; HF models cast cos/sin down
+
+    def _project(self, x):  # -> q [B,l,H*D], k, v [B,l,G*D]
+        raise NotImplementedError
+
+    def _out(self, x):
+        raise NotImplementedError
+
+    def _qk_norm(self, q, k):
+        return q, k
+
+    def attend(self, x, cos, sin, key_mask, cache, start):
+        B, l, _ = x.shape
+        q, k, v = self._project(x)
+        q, k = self._qk_norm(q, k)
+        q = q.view(B, l, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, l, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin, self.rope_full_precision)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, start)
+        out = sdpa(q, k, v, key_mask)
+        return self._out(out.transpose(1, 2).reshape(B, l, self.n_heads * self.head_dim))
+
+
+class SelfAttention(AttentionMixin, nn.Module):
+    """HF naming (`self_attn.q_proj/k_proj/v_proj/o_proj`, optional per-head `q_norm`/`k_norm`)."""
+
+    rope_full_precision = False
+
+    def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, layer_idx: int, *,
+                 qkv_bias: bool, qk_norm_eps: float | None = None):
+        super().__init__()
+        D = hidden // n_heads
+        self.n_heads, self.n_kv_heads, self.head_dim, self.layer_idx = n_heads, n_kv_heads, D, layer_idx
+        self.q_proj = nn.Linear(hidden, n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * D, hidden, bias=False)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(D, qk_norm_eps)
+            self.k_norm = RMSNorm(D, qk_norm_eps)
+
+    def _project(self, x):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def _qk_norm(self, q, k):
+        if not hasattr(self, "q_norm"):
+            return q, k
+        # the norm runs per head over D channels: [B, l, H*D] -> [B, l, H, D]
+        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        return q, k
+
+    def _out(self, x):
+        return self.o_proj(x)
+
+    def forward(self, x, cos, sin, key_mask, cache, start):
+        return self.attend(x, cos, sin, key_mask, cache, start)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU feed-forward with HF names: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def key_padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, L] 1/0 mask over keys -> [B, 1, 1, L] bool for SDPA (pad queries still see real keys)."""
+    if attention_mask is None:
+        return None
+    return attention_mask.bool()[:, None, None, :]
+
+
+def default_positions(attention_mask, start: int, length: int, from_mask: bool, device):
+    """Position ids [B or 1, l] for the window [start, start + length) of the canvas."""
+    if from_mask and attention_mask is not None:
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return pos[:, start : start + length]
+    return torch.arange(start, start + length, device=device)[None]
+
+
+class DlmPreTrainedModel(PreTrainedModel):
+    """Forward scaffolding shared by the families. Subclasses provide `_embed`, `_blocks`,
+    `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`.
+
+    forward(input_ids [B, l], attention_mask [B, L] over the *whole* canvas, position_ids,
+    past_key_values: DiffusionCache, use_cache, cache_position: int start of the window,
+    logits_to_keep: int (last n) or slice (positions within the window)).
+    """
+
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _tied_weights_keys = None
+    position_ids_from_mask = False
+
+    def __init__(self, config, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+        elif isinstance(module, RMSNorm):
+            module.weight.data.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: DiffusionCache | None = None,
+        use_cache: bool = False,
+        cache_position: int | None = None,
+        logits_to_keep: int | slice | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+        **kwargs,
+    ):
+        if kwargs.get("labels") is not None:
+            raise ValueError("Diffusion backbones do not compute a loss in forward; pass no `labels`.")
+        x = self._embed(input_ids) if inputs_embeds is None else inputs_embeds
+        start = int(cache_position or 0)
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = DiffusionCache()
+        if position_ids is None:
+            position_ids = default_positions(
+                attention_mask, start, x.shape[1], self.position_ids_from_mask, x.device
+            )
+        cos, sin = self.rotary(position_ids)
+        key_mask = key_padding_mask(attention_mask)
+        hidden = [] if output_hidden_states else None
+        for i, block in enumerate(self._blocks()):
+            if hidden is not None:
+                hidden.append(x)
+            if self.gradient_checkpointing and self.training:
+                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_mask, None, start)
+            else:
+                x = block(x, cos, sin, key_mask, cache, start)
+        x = self._final_norm(x)
+        if hidden is not None:
+            hidden.append(x)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        elif isinstance(logits_to_keep, slice):
+            x = x[:, logits_to_keep]
+        logits = self._head(x)
+        if not return_dict:
+            return (logits, cache)
+        return CausalLMOutputWithPast(
+            logits=logits,
+            past_key_values=cache,
+            hidden_states=tuple(hidden) if hidden is not None else None,
+        )
+
+    # transformers' generate() is autoregressive; diffusion decoding lives in lm_eval_dlmem.decoding.
+    def generate(self, *args, **kwargs):
+        raise NotImplementedError(
+            "Diffusion LMs do not decode left to right; use lm_eval_dlmem.generate(backbone, ...)."
+        )

@@ -1,0 +1,141 @@
+"""Dream-v0-7B (Base / Instruct): the Qwen2.5 layout (GQA, q/k/v biases) made bidirectional.
+
+Dream is initialised from an autoregressive model, so its raw logit at position i predicts token
+i+1; `Backbone.logits` undoes that shift, this module returns raw logits like the official code.
+Parameter names follow the official checkpoint (`model.layers.N.self_attn.q_proj`, `lm_head`).
+Positions for padded rows are `cumsum(mask) - 1`, as in Dream's own sampler.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from transformers import PretrainedConfig
+
+from .common import DlmPreTrainedModel, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+
+
+class DreamConfig(PretrainedConfig):
+    model_type = "Dream"
+
+    def __init__(
+        self,
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        hidden_act="silu",
+        max_position_embeddings=32768,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        use_cache=False,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        use_sliding_window=False,
+        sliding_window=4096,
+        max_window_layers=28,
+        attention_dropout=0.0,
+        mask_token_id=151666,
+        pad_token_id=151643,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        if rope_scaling is not None:
+            self.rope_scaling = rope_scaling
+        self.use_sliding_window = use_sliding_window
+        self.sliding_window = sliding_window
+        self.max_window_layers = max_window_layers
+        self.attention_dropout = attention_dropout
+        self.mask_token_id = mask_token_id
+        kwargs.setdefault("architectures", ["DreamModel"])
+        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.use_cache = use_cache
+
+    def check_supported(self) -> None:
+        if self.hidden_act != "silu":
+            raise ValueError(f"Dream configs with hidden_act={self.hidden_act!r} are not supported; the released models use silu.")
+        if not plain_rope(self):
+            raise ValueError(
+                f"rope_scaling={self.rope_scaling} is not supported; the released Dream models use plain RoPE. "
+                "Change rope_theta for NTK-style extension instead."
+            )
+
+
+class DreamDecoderLayer(nn.Module):
+    def __init__(self, config: DreamConfig, layer_idx: int):
+        super().__init__()
+        C = config.hidden_size
+        self.self_attn = SelfAttention(
+            C, config.num_attention_heads, config.num_key_value_heads, layer_idx, qkv_bias=True
+        )
+        self.mlp = GatedMLP(C, config.intermediate_size)
+        self.input_layernorm = RMSNorm(C, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(C, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, key_mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DreamBaseModel(nn.Module):
+    def __init__(self, config: DreamConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class DreamModel(DlmPreTrainedModel):
+    config_class = DreamConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DreamDecoderLayer"]
+    position_ids_from_mask = True
+
+    def __init__(self, config: DreamConfig):
+        super().__init__(config)
+        config.check_supported()
+        self.model = DreamBaseModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head_dim = config.hidden_size // config.num_attention_heads
+        self.rotary = Rotary(head_dim, config.rope_theta)
+        self.post_init()
+
+    def _embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def _blocks(self):
+        return self.model.layers
+
+    def _final_norm(self, x):
+        return self.model.norm(x)
+
+    def _head(self, x):
+        return self.lm_head(x)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers

@@ -1,0 +1,238 @@
+"""LLaDA-MoE-7B-A1B: an OLMoE-style sparse MoE (softmax router, top-k experts, optional shared
+expert), per-head qk RMSNorm, partial RoPE, fully bidirectional.
+
+The official config says `model_type: "llada"` like dense LLaDA-8B; `loading.detect_family` tells
+them apart by the MoE keys. Parameter names follow the official checkpoint
+(`model.layers.N.mlp.gate`, `mlp.experts.E.{gate,up,down}_proj`, `shared_expert.*`, `lm_head`).
+Routing follows the released code: softmax in float32, optional additive expert bias, top-k
+weights *not* renormalised (the released block hard-codes `norm_topk_prob = False`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PretrainedConfig
+
+from .common import DlmPreTrainedModel, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+
+
+class LLaDAMoEConfig(PretrainedConfig):
+    model_type = "llada"
+
+    def __init__(
+        self,
+        vocab_size=-1,
+        hidden_size=-1,
+        dense_intermediate_size=-1,
+        expert_intermediate_size=-1,
+        shared_expert_intermediate_size=-1,
+        num_hidden_layers=-1,
+        num_attention_heads=-1,
+        num_key_value_heads=None,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        initializer_range=0.02,
+        rms_norm_eps=1e-05,
+        use_cache=False,
+        pad_token_id=1,
+        bos_token_id=None,
+        eos_token_id=50279,
+        tie_word_embeddings=False,
+        rope_theta=-1,
+        partial_rotary_factor=-1,
+        rope_scaling=None,
+        attention_bias=False,
+        attention_dropout=0.0,
+        clip_qkv=None,
+        num_experts_per_tok=-1,
+        num_experts=-1,
+        output_router_logits=False,
+        router_aux_loss_coef=0.01,
+        norm_topk_prob=None,
+        qk_layernorm=None,
+        moe_layer_freq=(),
+        moe_router_enable_expert_bias=None,
+        moe_router_score_function=None,
+        routed_scaling_factor=1,
+        router_num_group=-2,
+        router_topk_group=-2,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.dense_intermediate_size = dense_intermediate_size
+        self.expert_intermediate_size = expert_intermediate_size
+        self.shared_expert_intermediate_size = shared_expert_intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.hidden_act = hidden_act
+        self.max_position_embeddings = max_position_embeddings
+        self.initializer_range = initializer_range
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.partial_rotary_factor = partial_rotary_factor
+        if rope_scaling is not None:
+            self.rope_scaling = rope_scaling
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.clip_qkv = clip_qkv
+        self.num_experts_per_tok = num_experts_per_tok
+        self.num_experts = num_experts
+        self.output_router_logits = output_router_logits
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.norm_topk_prob = norm_topk_prob
+        self.qk_layernorm = qk_layernorm
+        self.moe_layer_freq = list(moe_layer_freq)
+        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
+        self.moe_router_score_function = moe_router_score_function
+        self.routed_scaling_factor = routed_scaling_factor
+        self.router_num_group = router_num_group
+        self.router_topk_group = router_topk_group
+        kwargs.setdefault("architectures", ["LLaDAMoEModelLM"])
+        super().__init__(
+            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings, **kwargs,
+        )
+        self.use_cache = use_cache
+
+    def check_supported(self) -> None:
+        problems = []
+        if self.hidden_act != "silu":
+            problems.append(f"hidden_act={self.hidden_act!r}")
+        if self.clip_qkv is not None:
+            problems.append(f"clip_qkv={self.clip_qkv}")
+        if not plain_rope(self):
+            problems.append(f"rope_scaling={self.rope_scaling}")
+        if self.moe_router_score_function not in (None, "softmax"):
+            problems.append(f"moe_router_score_function={self.moe_router_score_function!r}")
+        if len(self.moe_layer_freq) not in (0, self.num_hidden_layers):
+            problems.append(f"moe_layer_freq has {len(self.moe_layer_freq)} entries for {self.num_hidden_layers} layers")
+        if problems:
+            raise ValueError(
+                "This LLaDA-MoE config uses options the released LLaDA-MoE-7B-A1B does not: "
+                + ", ".join(problems) + "."
+            )
+
+    def is_moe_layer(self, i: int) -> bool:
+        return not self.moe_layer_freq or self.moe_layer_freq[i] != 0
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            GatedMLP(config.hidden_size, config.expert_intermediate_size) for _ in range(config.num_experts)
+        )
+        if config.moe_router_enable_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        else:
+            self.expert_bias = None
+
+    def route(self, x: torch.Tensor):
+        """x [N, C] -> weights [N, k] (x.dtype), expert ids [N, k]."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        if self.expert_bias is not None:
+            probs = probs + self.expert_bias
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, experts = self.route(x)
+        out = torch.zeros_like(x)
+        # Sort token-slots by expert once, then run each expert on its contiguous slice.
+        flat = experts.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=len(self.experts)).tolist()
+        token_of_slot = order // self.top_k
+        slots = order.split(counts)
+        tokens = token_of_slot.split(counts)
+        w = weights.flatten()
+        for e, (slot, tok) in enumerate(zip(slots, tokens)):
+            if tok.numel():
+                y = self.experts[e](x[tok]) * w[slot, None]
+                out.index_add_(0, tok, y.to(x.dtype))
+        return out.reshape(shape)
+
+
+class LLaDAMoEDecoderLayer(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig, layer_idx: int):
+        super().__init__()
+        C = config.hidden_size
+        self.self_attn = SelfAttention(
+            C, config.num_attention_heads, config.num_key_value_heads, layer_idx,
+            qkv_bias=bool(config.attention_bias),
+            qk_norm_eps=config.rms_norm_eps if config.qk_layernorm else None,
+        )
+        moe = config.is_moe_layer(layer_idx)
+        self.mlp = SparseMoE(config) if moe else GatedMLP(C, config.dense_intermediate_size)
+        if moe and config.shared_expert_intermediate_size not in (None, -1, 0):
+            self.shared_expert = GatedMLP(C, config.shared_expert_intermediate_size)
+        self.input_layernorm = RMSNorm(C, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(C, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, key_mask, cache, start):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, cache, start)
+        h = self.post_attention_layernorm(x)
+        out = self.mlp(h)
+        if hasattr(self, "shared_expert"):
+            out = out + self.shared_expert(h)
+        return x + out
+
+
+class LLaDAMoEModel(nn.Module):
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LLaDAMoEModelLM(DlmPreTrainedModel):
+    config_class = LLaDAMoEConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LLaDAMoEDecoderLayer"]
+
+    def __init__(self, config: LLaDAMoEConfig):
+        super().__init__(config)
+        config.check_supported()
+        self.model = LLaDAMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        head_dim = config.hidden_size // config.num_attention_heads
+        factor = config.partial_rotary_factor if config.partial_rotary_factor and config.partial_rotary_factor > 0 else 1.0
+        self.rotary = Rotary(int(head_dim * factor), config.rope_theta)
+        self.post_init()
+
+    def _embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def _blocks(self):
+        return self.model.layers
+
+    def _final_norm(self, x):
+        return self.model.norm(x)
+
+    def _head(self, x):
+        return self.lm_head(x)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers

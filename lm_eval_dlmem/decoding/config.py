@@ -1,0 +1,90 @@
+"""`DecodeConfig`: every knob of diffusion decoding, validated in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+STRATEGIES = ("llada", "dream", "threshold")
+LLADA_REMASKING = ("low_confidence", "random")
+DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass
+class DecodeConfig:
+    """How to turn a masked canvas into text.
+
+    Args:
+        gen_length: tokens in the generation region (the masked canvas after the prompt).
+        steps: total denoising steps over the whole generation (LLaDA semantics: divided evenly
+            over the blocks). For `dream`, the number of steps of its single schedule.
+        block_length: semi-autoregressive block size; `gen_length` must be a multiple of it.
+            `dream` with block_length == gen_length reproduces `diffusion_generate`.
+        strategy: `llada` (fixed commit count per step, `remasking`), `dream` (`alg`,
+            `alg_temp`, `eps`, top_p/top_k), or `threshold` (Fast-dLLM: commit every masked
+            position of the block whose confidence is >= `threshold`, at least one per step).
+        remasking: LLaDA confidence: `low_confidence` (probability of the argmax) or `random`.
+        alg / alg_temp / eps: Dream's confidence (`origin`, `maskgit_plus`, `topk_margin`,
+            `entropy`), position-sampling temperature, and final timestep.
+        temperature / top_p / top_k: token sampling. temperature 0 is greedy.
+        threshold: confidence threshold for `strategy=threshold` (e.g. 0.9).
+        cfg_scale: classifier-free guidance; 0 disables (unconditional pass masks the prompt).
+        cache: `none` (full forward every step: reference behaviour), `prefix` or `dual`
+            (Fast-dLLM: full forward once per block, then only the suffix / active block).
+        logits_eos_inf: forbid EOS as a predicted token (LLaDA `logits_eos_inf`).
+        confidence_eos_eot_inf: never commit EOS/EoT by confidence (LLaDA Instruct option).
+        stop_early: finish a row once EOS (or a stop sequence, see `generate`) is committed in
+            its decoded prefix; the batch exits when every row is finished, per block.
+        seed: base seed; each row draws from its own generator seeded with `seed + row_seed`.
+    """
+
+    gen_length: int = 128
+    steps: int = 128
+    block_length: int = 32
+    strategy: str = "llada"
+    remasking: str = "low_confidence"
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    threshold: float = 0.9
+    cfg_scale: float = 0.0
+    cache: str = "none"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    stop_early: bool = True
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r}; choose one of {STRATEGIES}.")
+        if self.remasking not in LLADA_REMASKING:
+            raise ValueError(f"remasking={self.remasking!r}; choose one of {LLADA_REMASKING}.")
+        if self.alg not in DREAM_ALGS:
+            raise ValueError(f"alg={self.alg!r}; choose one of {DREAM_ALGS}.")
+        if self.cache not in CACHE_MODES:
+            raise ValueError(f"cache={self.cache!r}; choose one of {CACHE_MODES}.")
+        if self.gen_length < 0:
+            raise ValueError(f"gen_length={self.gen_length} must be >= 0.")
+        if self.block_length <= 0:
+            raise ValueError(f"block_length={self.block_length} must be > 0.")
+        if self.gen_length % self.block_length:
+            raise ValueError(
+                f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
+                "round gen_length up or pick a block length that divides it."
+            )
+        if self.steps <= 0:
+            raise ValueError(f"steps={self.steps} must be > 0.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold={self.threshold} must be in [0, 1].")
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length if self.gen_length else 0

@@ -1,0 +1,110 @@
+"""`lm-eval-dlmem`: the project's command line.
+
+    lm-eval-dlmem demo                      run the embedded tiny default through lm-eval, offline
+    lm-eval-dlmem eval ARGS...              `lm_eval ARGS...` with our models and tasks registered
+    lm-eval-dlmem make-tiny FAMILY PATH     write a tiny official-format checkpoint
+    lm-eval-dlmem tasks-path                print the directory to pass to --include_path
+    lm-eval-dlmem train metastate|memdlm    train a memory (see --help of each)
+    lm-eval-dlmem analyze exposure-bias     MemDLM's exposure-bias curve
+    lm-eval-dlmem compare RESULTS...        frozen-vs-augmented table (and plot) from lm-eval outputs
+    lm-eval-dlmem sweep SWEEP.yaml          run a list of evaluations, resumable
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> module exposing `main(argv) -> int`
+DELEGATES = {
+    ("train", "metastate"): "lm_eval_dlmem.training.metastate",
+    ("train", "memdlm"): "lm_eval_dlmem.training.memdlm",
+    ("analyze", "exposure-bias"): "lm_eval_dlmem.analysis.exposure_bias",
+    ("compare",): "lm_eval_dlmem.leaderboard.compare",
+    ("sweep",): "lm_eval_dlmem.leaderboard.sweep",
+}
+
+
+def _offline_defaults() -> None:
+    # The demo and tests never need the network; without these lm-eval/transformers retry for minutes.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_make_tiny(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="lm-eval-dlmem make-tiny", description="Write a tiny checkpoint in the official format.")
+    p.add_argument("family", choices=["llada", "dream", "llada_moe"], help="backbone family")
+    p.add_argument("path", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="weight seed")
+    p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary (tokenizer padded to match)")
+    p.add_argument("--hidden", type=int, default=None, help="hidden size")
+    p.add_argument("--layers", type=int, default=None, help="number of layers")
+    args = p.parse_args(argv)
+    from .testing import make_tiny_checkpoint
+
+    sizes = {}
+    if args.hidden:
+        sizes["d_model" if args.family == "llada" else "hidden_size"] = args.hidden
+    if args.layers:
+        sizes["n_layers" if args.family == "llada" else "num_hidden_layers"] = args.layers
+    print(make_tiny_checkpoint(args.family, args.path, seed=args.seed, vocab_size=args.vocab_size, **sizes))
+    return 0
+
+
+def cmd_tasks_path(argv: list[str]) -> int:
+    from .tasks import tasks_path
+
+    print(tasks_path())
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """Fallback entry: the real lm-eval CLI with our models registered and our tasks included."""
+    from ._autoload import register
+
+    register()
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        from .tasks import tasks_path
+
+        argv = [*argv, "--include_path", tasks_path()]
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm_eval", *argv]
+    cli_evaluate()
+    return 0
+
+
+def cmd_demo(argv: list[str]) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["demo"], ["make-tiny"]):
+        _offline_defaults()
+    commands = {"demo": cmd_demo, "eval": cmd_eval, "make-tiny": cmd_make_tiny, "tasks-path": cmd_tasks_path}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    if argv[0] in commands:
+        return commands[argv[0]](argv[1:]) or 0
+    for key, module in DELEGATES.items():
+        if tuple(argv[: len(key)]) == key:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                print(f"`lm-eval-dlmem {' '.join(key)}` is not available in this install ({e}).", file=sys.stderr)
+                return 2
+            return mod.main(argv[len(key):]) or 0
+    known = sorted(list(commands) + [" ".join(k) for k in DELEGATES])
+    print(f"Unknown command {' '.join(argv[:2])!r}. Commands: {', '.join(known)}.", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

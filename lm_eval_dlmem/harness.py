@@ -1,0 +1,426 @@
+"""The lm-eval adapter: `DlmLM(TemplateLM)` and the three registered presets.
+
+This is the only module that sees lm-eval `Instance`s. It turns requests into length-sorted
+batches (lm-eval's Collator), token ids and seeds, and hands them to `decoding.generate` /
+`decoding.likelihood`; the numbers come from there. Memory (MetaState, MemDLM fast weights) is
+built once from the model args and passed to every decode, so `metastate=none` / `inner_steps=0`
+is the frozen baseline through the same code path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import zlib
+from datetime import timedelta
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import (
+    Collator,
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    truncate_tokens,
+)
+from tqdm import tqdm
+
+from .backbones.loading import load_backbone
+from .decoding.config import DecodeConfig
+from .memory.base import NoMemory
+from .model_args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+# Context length when the checkpoint does not say (Dream's README: 2048).
+DEFAULT_MAX_LENGTH = {"llada": 4096, "dream": 2048, "llada_moe": 8192}
+LIKELIHOOD_CHUNK = 64  # requests per likelihood call: results reach the --use_cache db per chunk
+
+
+class DlmLM(TemplateLM):
+    """lm-eval LM for discrete diffusion backbones, optionally with memory.
+
+    Model args: see `ModelArgs` (README lists them all). `preset` holds the defaults of a
+    registered name; `family` is the family the preset is meant for (others work, with a note).
+    """
+
+    family: str | None = None
+    preset: dict = {}
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.args = ModelArgs.from_kwargs(self.preset, **kwargs)
+        self._setup_devices()
+        a = self.args
+        self.backbone = load_backbone(
+            a.pretrained, family=a.family or self.family, dtype=a.dtype, device=self._device_for_load(),
+            load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
+            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
+        )
+        if self.family and self.backbone.family != self.family:
+            log.warning("%s is set up for %s checkpoints; %s is a %s checkpoint. Proceeding with its own "
+                        "family defaults.", type(self).__name__, self.family, a.pretrained, self.backbone.family)
+        self.spec = self.backbone.spec
+        self.tokenizer = self.backbone.tokenizer
+        self.memory = self._build_memory()
+        self._max_length = a.max_length or self._default_max_length()
+        self._batch_size = a.batch_size
+        self._truncated_warned = 0
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _setup_devices(self):
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        self.accelerator = None
+        requested = self.args.device
+        if requested in (None, "cuda:0", "cuda") and not torch.cuda.is_available():
+            requested = "cpu"  # lm-eval always sends cuda:0; on a CPU machine that means cpu
+        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+        if accelerator.num_processes > 1:
+            if self.args.parallelize:
+                raise ValueError("parallelize=True (one model spread over devices) cannot be combined with "
+                                 "data-parallel `accelerate launch`; use one or the other.")
+            self.accelerator = accelerator
+            self._device = accelerator.device
+            self._rank = accelerator.process_index
+            self._world_size = accelerator.num_processes
+        else:
+            self._device = torch.device(requested or "cpu")
+
+    def _device_for_load(self):
+        return None if self.args.parallelize else self._device
+
+    def _default_max_length(self) -> int:
+        cfg = self.backbone.config
+        for key in ("max_sequence_length",):
+            if getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        if self.backbone.family == "llada_moe" and getattr(cfg, "max_position_embeddings", None):
+            return int(cfg.max_position_embeddings)
+        return DEFAULT_MAX_LENGTH[self.backbone.family]
+
+    def _build_memory(self):
+        a = self.args
+        if a.metastate:
+            from .memory.metastate import load_memory_for
+
+            return load_memory_for(a.metastate, self.backbone)
+        if a.adapter:
+            from .memory.fast_weights import apply_adapter
+
+            self.backbone = apply_adapter(self.backbone, a.adapter)
+        if a.inner_steps > 0:
+            from .memory.fast_weights import FastWeightMemory, MemDLMConfig
+
+            cfg = MemDLMConfig(
+                inner_steps=a.inner_steps, inner_lr=a.inner_lr, inner_rank=a.inner_rank,
+                inner_alpha=a.inner_alpha, inner_layer_fraction=a.inner_layer_fraction,
+                inner_mask_ratio=a.inner_mask_ratio, seed=a.seed,
+            )
+            return FastWeightMemory(self.backbone, cfg)
+        return NoMemory()
+
+    # ---- lm-eval plumbing -------------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.spec.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.spec.bos_id if self.spec.bos_id is not None else self.spec.eos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.args.pretrained.replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        ids = self.tokenizer.encode(string, add_special_tokens=False)
+        add_bos = self.args.add_bos_token
+        if add_special_tokens is False:
+            add_bos = False
+        elif add_bos is None:
+            add_bos = self.spec.name == "dream" and self.spec.bos_id is not None
+        bos = self.spec.bos_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
+
+    def tok_decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+                  continue_final_message=not add_generation_prompt)
+        try:
+            return self.tokenizer.apply_chat_template(chat_history, **kw)
+        except Exception:  # templates without a system role (jinja raises its own types)
+            history = [m for m in chat_history if m["role"] != "system"]
+            if chat_history and chat_history[0]["role"] == "system" and history:
+                history[0] = {**history[0], "content": chat_history[0]["content"] + "\n\n" + history[0]["content"]}
+            return self.tokenizer.apply_chat_template(history, **kw)
+
+    def all_gather(self, tensor):
+        return self.accelerator.gather(tensor) if self.accelerator is not None else tensor
+
+    def gather_object(self, obj, dst: int = 0):
+        if self._world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """Namespace `--use_cache` by model args: lm-eval's cache key is only (method, request),
+        so two runs that differ in metastate= or decoding args would otherwise share answers."""
+        db = getattr(cache_hook, "dbdict", None)
+        if db is not None:
+            namespace_cache(db, self.fingerprint())
+        super().set_cache_hook(cache_hook)
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.args.fingerprint_fields(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def get_model_info(self) -> dict:
+        return {"family": self.backbone.family, "pretrained": self.args.pretrained,
+                "memory": type(self.memory).__name__, "args_fingerprint": self.fingerprint(),
+                "model_args": {k: v for k, v in self.args.fingerprint_fields().items() if v is not None}}
+
+    # ---- generation ----------------------------------------------------------------------------
+    def decode_config(self, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:
+        """Map a task's generation request onto a DecodeConfig (see README: decoding args)."""
+        a = self.args
+        gen = a.gen_length or max_gen_toks
+        block = a.block_length or gen
+        gen = math.ceil(gen / block) * block
+        blocks = gen // block
+        if a.steps:
+            steps = min(max(blocks, math.ceil(a.steps / blocks) * blocks), gen)
+        elif a.steps_per_block:
+            steps = blocks * min(a.steps_per_block, block)
+        else:
+            steps = gen
+        temperature = a.temperature if a.temperature is not None else float(gen_kwargs.get("temperature", 0.0))
+        return DecodeConfig(
+            gen_length=gen, steps=steps, block_length=block, strategy=a.strategy or "llada",
+            remasking=a.remasking, alg=a.alg, alg_temp=a.alg_temp, eps=a.eps, temperature=temperature,
+            top_p=a.top_p if a.top_p is not None else gen_kwargs.get("top_p"),
+            top_k=a.top_k if a.top_k is not None else gen_kwargs.get("top_k"),
+            threshold=a.threshold, cfg_scale=a.cfg_scale, cache=a.cache, logits_eos_inf=a.logits_eos_inf,
+            confidence_eos_eot_inf=a.confidence_eos_eot_inf, stop_early=a.stop_early, seed=a.seed,
+        )
+
+    def request_seed(self, *parts) -> int:
+        """Seed from the request's content: independent of batch size, order and rank."""
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return (self.args.seed * 1_000_003 + zlib.crc32(blob)) % (2**31 - 1)
+
+    def _fit_prompt(self, ids: list[int], budget: int) -> list[int]:
+        if len(ids) <= budget:
+            return ids
+        self._truncated_warned += 1
+        return truncate_tokens(ids, budget, side=self.args.truncation_side)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from .decoding.generate import generate
+
+        if not requests:
+            return []
+        items = [(req.args[0], req.args[1]) for req in requests]
+        encoded = {i: self.tok_encode(ctx) for i, (ctx, _) in enumerate(items)}
+        collator = Collator(
+            list(enumerate(items)),
+            sort_fn=lambda x: (-len(encoded[x[0]]), x[1][0]),
+            group_fn=lambda x: x[1][1],
+            group_by="gen_kwargs",
+        )
+        results = []
+        bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="generate_until")
+        self._truncated_warned = 0
+        for chunk in collator.get_batched(n=self._batch_n(), batch_fn=None):
+            texts = self._run_with_backoff(lambda part: self._generate_chunk(part, encoded, generate), chunk)
+            for (idx, (ctx, gk)), text in zip(chunk, texts):
+                self.cache_hook.add_partial("generate_until", (ctx, gk), text)
+                results.append(text)
+            bar.update(len(chunk))
+        bar.close()
+        if self._truncated_warned:
+            log.warning("%d prompt(s) were longer than max_length - gen_length and were %s-truncated.",
+                        self._truncated_warned, self.args.truncation_side)
+        return collator.get_original(results)
+
+    def _generate_chunk(self, chunk, encoded, generate) -> list[str]:
+        gen_kwargs = normalize_gen_kwargs(chunk[0][1][1], default_max_gen_toks=256)
+        eos_text = self.tokenizer.decode([self.spec.eos_id], skip_special_tokens=False)
+        until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+        max_gen = int(gen_kwargs.get("max_gen_toks", 256))
+        if max_gen <= 0 and not self.args.gen_length:
+            return [""] * len(chunk)
+        config = self.decode_config(max_gen, gen_kwargs)
+        budget = self.max_length - config.gen_length
+        if budget < 1:
+            raise ValueError(
+                f"The generation length {config.gen_length} (max_gen_toks={max_gen} rounded up to the block "
+                f"length) leaves no room for the prompt within max_length={self.max_length}; raise max_length= "
+                "or lower the task's max_gen_toks."
+            )
+        prompts = [self._fit_prompt(encoded[idx], budget) for idx, _ in chunk]
+        input_ids, attention_mask = self._left_pad(prompts)
+        seeds = [self.request_seed(ctx, gk) for _, (ctx, gk) in chunk]
+        stops = [s for s in until if s]
+        with torch.inference_mode():
+            out = generate(self.backbone, input_ids, attention_mask, config, self.memory,
+                           seeds=seeds, stop_sequences=stops)
+        return [self._postprocess(row.tolist(), until) for row in out]
+
+    def _postprocess(self, tokens: list[int], until: list[str]) -> str:
+        stop = set(self.spec.stop_ids)
+        cut = next((i for i, t in enumerate(tokens) if t in stop or t == self.spec.mask_id), len(tokens))
+        text = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True)
+        return postprocess_generated_text(text, until, None)
+
+    def _left_pad(self, rows: list[list[int]]):
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.spec.eos_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r):] = torch.tensor(r)
+                mask[i, width - len(r):] = 1
+        attention_mask = None if bool(mask.all()) else mask.to(self.device)
+        return ids.to(self.device), attention_mask
+
+    # ---- batch size ----------------------------------------------------------------------------
+    def _batch_n(self) -> int:
+        bs = str(self._batch_size)
+        if bs.startswith("auto"):
+            return int(self.args.max_batch_size or 64)
+        n = int(float(bs))
+        if n <= 0:
+            raise ValueError(f"batch_size={bs} must be a positive integer or 'auto'.")
+        return n
+
+    def _run_with_backoff(self, fn, chunk):
+        """batch_size=auto: on out-of-memory, halve the batch and retry (remembered for later)."""
+        if not str(self._batch_size).startswith("auto"):
+            return fn(chunk)
+        n = len(chunk)
+        while True:
+            try:
+                out = []
+                for i in range(0, len(chunk), n):
+                    out.extend(fn(chunk[i:i + n]))
+                return out
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+                n = max(1, n // 2)
+                self.args.max_batch_size = n
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                log.warning("Out of memory: retrying with batch size %d.", n)
+
+    # ---- likelihood ----------------------------------------------------------------------------
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        from .decoding.likelihood import loglikelihood
+
+        results = []
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood")
+        for start in range(0, len(requests), LIKELIHOOD_CHUNK):
+            part = requests[start:start + LIKELIHOOD_CHUNK]
+            pairs, seeds = [], []
+            for (ctx, cont), ctx_ids, cont_ids in part:
+                pairs.append(self._fit_pair(ctx_ids, cont_ids))
+                seeds.append(self.request_seed(ctx, cont))
+            with torch.inference_mode():
+                out = loglikelihood(
+                    self.backbone, pairs, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
+                    seeds=seeds, cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
+                    memory=self.memory,
+                )
+            for ((ctx, cont), _, _), res in zip(part, out):
+                res = (float(res[0]), bool(res[1]))
+                self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
+                results.append(res)
+            bar.update(len(part))
+        bar.close()
+        return results
+
+    def _fit_pair(self, ctx_ids: list[int], cont_ids: list[int]):
+        if len(cont_ids) >= self.max_length:
+            raise ValueError(
+                f"A continuation of {len(cont_ids)} tokens does not fit max_length={self.max_length}; "
+                "raise max_length=."
+            )
+        keep = self.max_length - len(cont_ids)
+        return (ctx_ids[-keep:] if len(ctx_ids) > keep else ctx_ids), cont_ids
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from .decoding.likelihood import loglikelihood_rolling
+
+        results = []
+        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="loglikelihood_rolling"):
+            (string,) = req.args
+            ids = self.tok_encode(string, add_special_tokens=False)
+            with torch.inference_mode():
+                (score,) = loglikelihood_rolling(
+                    self.backbone, [ids], max_length=self.max_length, mc_num=self.args.mc_num,
+                    batch_size=self.args.mc_batch_size, seeds=[self.request_seed(string)], memory=self.memory,
+                )
+            self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
+            results.append(float(score))
+        return results
+
+
+def namespace_cache(db, fingerprint: str) -> None:
+    """Point lm-eval's SqliteDict cache at a table of its own for this model configuration."""
+    table = f"dlmem_{fingerprint}"
+    try:
+        from sqlitedict import SqliteDict
+
+        SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
+        db.tablename = table
+    except Exception as e:  # an unknown cache backend must not silently mix configurations
+        raise RuntimeError(
+            f"Could not namespace the --use_cache database by model args ({e!r}); run without --use_cache "
+            "or use one cache path per configuration."
+        ) from e
+
+
+class MetaStateLLaDA(DlmLM):
+    """`metastate-llada`: LLaDA-8B (Base/Instruct/1.5); `metastate=none` is the frozen baseline."""
+
+    family = "llada"
+    preset = {"strategy": "llada", "block_length": 32}
+
+
+class MetaStateDream(DlmLM):
+    """`metastate-dream`: Dream-v0-7B with Dream's sampler (`alg=entropy`), one block by default."""
+
+    family = "dream"
+    preset = {"strategy": "dream", "alg": "entropy"}
+
+
+class MemDLMLLaDAMoE(DlmLM):
+    """`memdlm-llada-moe`: LLaDA-MoE-7B-A1B as MemDLM evaluates it: one block, one token per step
+    (steps = block = max_gen_toks), `adapter=` for the outer LoRA, `inner_steps=` for inference
+    adaptation."""
+
+    family = "llada_moe"
+    preset = {"strategy": "llada"}
+
+
+__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "namespace_cache"]

@@ -1,0 +1,185 @@
+"""`--model_args` parsed into one typed config, at one boundary.
+
+lm-eval hands model args over as a dict whose values were guessed from strings (`-1` arrives as
+the float -1.0, `none` as None or "none", `true` as bool). `ModelArgs.from_kwargs` casts every
+value to its field's type, rejects unknown keys with the list of valid ones, and validates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+
+# Keys lm-eval itself passes to every model constructor.
+HARNESS_KEYS = {"batch_size", "max_batch_size", "device"}
+# Keys that only make sense for HFLM's backends; accepted for compatibility with HFLM commands
+# but rejected with an explanation when they would change behaviour.
+REJECTED = {
+    "trust_remote_code": "lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code; remote code is never run. "
+    "Drop trust_remote_code (and --trust_remote_code).",
+    "peft": "use adapter=PATH_OR_HUB_ID to apply a PEFT LoRA adapter.",
+    "backend": "diffusion models are neither causal nor seq2seq; drop backend=.",
+}
+ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype",
+           "max_new_tokens": "gen_length", "block_size": "block_length", "diffusion_steps": "steps",
+           "is_check_greedy": "check_greedy", "use_cache": "cache_legacy"}
+
+
+@dataclass
+class ModelArgs:
+    """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe` (and `dlm`).
+
+    Loading: pretrained, revision, family, tokenizer, dtype, device, parallelize, load_in_4bit,
+    load_in_8bit, max_length, add_bos_token, truncation_side, batch_size, max_batch_size.
+    Decoding (see `DecodeConfig`): strategy, gen_length, steps, steps_per_block, block_length,
+    remasking, alg, alg_temp, eps, temperature, top_p, top_k, threshold, cfg_scale, cache,
+    logits_eos_inf, confidence_eos_eot_inf, stop_early.
+    Likelihood: mc_num, mc_batch_size, check_greedy, likelihood_cfg.
+    Memory: metastate (path, hub id or none), adapter (PEFT LoRA), inner_steps, inner_lr,
+    inner_rank, inner_alpha, inner_layer_fraction, inner_mask_ratio. Reproducibility: seed.
+    """
+
+    pretrained: str = ""
+    revision: str | None = None
+    family: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    parallelize: bool = False
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    max_length: int | None = None
+    add_bos_token: bool | None = None
+    truncation_side: str = "middle"
+    batch_size: str = "1"
+    max_batch_size: int | None = None
+    # decoding
+    strategy: str | None = None
+    gen_length: int | None = None
+    steps: int | None = None
+    steps_per_block: int | None = None
+    block_length: int | None = None
+    remasking: str = "low_confidence"
+    alg: str = "entropy"
+    alg_temp: float | None = None
+    eps: float = 1e-3
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    threshold: float = 0.9
+    cfg_scale: float = 0.0
+    cache: str = "none"
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    stop_early: bool = True
+    # likelihood
+    mc_num: int = 128
+    mc_batch_size: int = 32
+    check_greedy: bool = False
+    likelihood_cfg: float = 0.0
+    # memory
+    metastate: str | None = None
+    adapter: str | None = None
+    inner_steps: int = 0
+    inner_lr: float = 0.1
+    inner_rank: int = 32
+    inner_alpha: float = 64.0
+    inner_layer_fraction: float = 0.1
+    inner_mask_ratio: float = 0.2
+    seed: int = 1234
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.pretrained:
+            raise ValueError("pretrained= is required: a checkpoint directory or hub id "
+                             "(e.g. pretrained=GSAI-ML/LLaDA-8B-Instruct).")
+        if self.truncation_side not in ("middle", "left", "right"):
+            raise ValueError(f"truncation_side={self.truncation_side!r}; choose middle, left or right.")
+        if self.metastate is not None and self.metastate.lower() == "none":
+            self.metastate = None
+        if self.adapter is not None and self.adapter.lower() == "none":
+            self.adapter = None
+        if self.metastate and (self.adapter or self.inner_steps):
+            raise ValueError("metastate= and MemDLM (adapter=/inner_steps=) cannot be combined in one run; "
+                             "evaluate them as separate runs.")
+        for name in ("mc_num", "mc_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+        if self.inner_steps < 0:
+            raise ValueError(f"inner_steps={self.inner_steps} must be >= 0 (0 disables inference adaptation).")
+        if self.max_length is not None and self.max_length <= 0:
+            raise ValueError(f"max_length={self.max_length} must be > 0.")
+
+    @classmethod
+    def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
+        """Build from lm-eval's model-args dict: alias, reject, cast, then validate."""
+        valid = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        values = dict(defaults or {})
+        for key, value in kwargs.items():
+            key = ALIASES.get(key, key)
+            if key in REJECTED:
+                if key == "trust_remote_code" and not value:
+                    continue
+                raise ValueError(f"Model arg {key}={value!r} is not supported: {REJECTED[key]}")
+            if key == "cache_legacy":  # Fast-dLLM's use_cache=True,dual_cache=True spelling
+                if value:
+                    values.setdefault("cache", "prefix")
+                continue
+            if key == "dual_cache":
+                if value:
+                    values["cache"] = "dual"
+                continue
+            if key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=3)
+                hint = f" Did you mean {', '.join(close)}?" if close else ""
+                raise ValueError(
+                    f"Unknown model arg {key!r}.{hint} Valid model args: {', '.join(sorted(valid))}."
+                )
+            values[key] = value
+        hints = typing.get_type_hints(cls)
+        cast = {k: _cast(k, v, hints[k]) for k, v in values.items()}
+        return cls(**cast)
+
+    def fingerprint_fields(self) -> dict:
+        """Everything that can change a model output (for cache namespacing)."""
+        skip = {"batch_size", "max_batch_size", "device", "parallelize", "extra"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def _cast(name: str, value, hint):
+    """Cast one value to the field type; lm-eval sends '8', 8.0, -1.0, 'none', 'True'..."""
+    if value is None:
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    target = args[0] if args else hint
+    optional = type(None) in typing.get_args(hint)
+    if isinstance(value, str) and value.strip().lower() in ("none", "null", "") and optional:
+        return None
+    try:
+        if target is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low in ("true", "1", "yes", "on"):
+                    return True
+                if low in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if target is int:
+            f = float(value)
+            if f != int(f):
+                raise ValueError(value)
+            return int(f)
+        if target is float:
+            return float(value)
+        if target is str:
+            if isinstance(value, float) and value == int(value):
+                value = int(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Model arg {name}={value!r} is malformed: expected {getattr(target, '__name__', target)}."
+        ) from None
+    return value

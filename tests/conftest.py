@@ -1,0 +1,18 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory):
+    """One tiny official-format checkpoint per family, made once per test session."""
+    from lm_eval_dlmem.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {fam: make_tiny_checkpoint(fam, root / fam, seed=0) for fam in ("llada", "dream", "llada_moe")}

@@ -84,7 +84,7 @@ def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
     spec = get_spec(family).resolve(tokenizer)
     s = {**TINY_SIZES[family], **sizes}
     if family == "llada":
-        return dict(
+        base = dict(
             architectures=["LLaDAModelLM"], model_type="llada",
             auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
                       "AutoModel": "modeling_llada.LLaDAModelLM",
@@ -99,10 +99,10 @@ def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
             mlp_ratio=4, multi_query_attention=None, precision="amp_bf16", residual_dropout=0.0,
             rms_norm_eps=1e-5, rope=True, rope_full_precision=True, rope_theta=500000.0,
             scale_logits=False, use_cache=False, vocab_size=vocab_size, weight_tying=False,
-            eos_token_id=spec.eos_id, pad_token_id=spec.eos_id, mask_token_id=spec.mask_id, **s,
+            eos_token_id=spec.eos_id, pad_token_id=spec.eos_id, mask_token_id=spec.mask_id,
         )
-    if family == "dream":
-        return dict(
+    elif family == "dream":
+        base = dict(
             architectures=["DreamModel"], model_type="Dream",
             auto_map={"AutoConfig": "configuration_dream.DreamConfig",
                       "AutoModel": "modeling_dream.DreamModel"},
@@ -111,22 +111,24 @@ def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
             max_position_embeddings=131072, max_window_layers=28, pad_token_id=spec.eos_id,
             rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1000000.0, sliding_window=131072,
             tie_word_embeddings=False, torch_dtype="float32", use_cache=False,
-            use_sliding_window=False, vocab_size=vocab_size, **s,
+            use_sliding_window=False, vocab_size=vocab_size,
         )
-    n_layers = s["num_hidden_layers"]
-    return dict(
-        architectures=["LLaDAMoEModelLM"], model_type="llada",
-        auto_map={"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
-                  "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
-                  "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
-        attention_bias=False, attention_dropout=0.0, clip_qkv=None, hidden_act="silu",
-        initializer_range=0.02, max_position_embeddings=8192, moe_layer_freq=[1] * n_layers,
-        moe_router_enable_expert_bias=None, moe_router_score_function=None, norm_topk_prob=None,
-        output_router_logits=False, partial_rotary_factor=1, qk_layernorm=True, rms_norm_eps=1e-5,
-        rope_scaling=None, rope_theta=50000, router_aux_loss_coef=0.01, tie_word_embeddings=False,
-        use_cache=False, vocab_size=vocab_size, eos_token_id=spec.eos_id, pad_token_id=spec.eos_id,
-        **s,
-    )
+    else:
+        n_layers = s["num_hidden_layers"]
+        base = dict(
+            architectures=["LLaDAMoEModelLM"], model_type="llada",
+            auto_map={"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+                      "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                      "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+            attention_bias=False, attention_dropout=0.0, clip_qkv=None, hidden_act="silu",
+            initializer_range=0.02, max_position_embeddings=8192, moe_layer_freq=[1] * n_layers,
+            moe_router_enable_expert_bias=None, moe_router_score_function=None, norm_topk_prob=None,
+            output_router_logits=False, partial_rotary_factor=1, qk_layernorm=True, rms_norm_eps=1e-5,
+            rope_scaling=None, rope_theta=50000, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+            use_cache=False, vocab_size=vocab_size, eos_token_id=spec.eos_id, pad_token_id=spec.eos_id,
+        )
+    # `sizes` may override any official key (rope_theta, partial_rotary_factor, moe_layer_freq, ...)
+    return {**base, **s}
 
 
 def make_tiny_checkpoint(

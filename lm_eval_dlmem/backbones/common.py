@@ -38,21 +38,29 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """RoPE tables over the first `dim` channels of each head (`dim < D` for partial rotary).
-    See `apply_rotary` for the two precision modes."""
+    See `apply_rotary` for the two precision modes.
+
+    The inverse frequencies are recomputed in float32 on every call rather than kept in a
+    buffer: transformers 5 builds models on the meta device and leaves non-persistent buffers
+    uninitialised after `from_pretrained`, and `model.to(bfloat16)` would round a buffer. The
+    table has dim/2 entries, so this costs nothing next to one layer.
+    """
 
     def __init__(self, dim: int, theta: float):
         super().__init__()
         self.dim = dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.theta = float(theta)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim
+        return 1.0 / (self.theta**exponent)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids [B, l] -> cos, sin [B, 1, l, dim] in float32
         with torch.autocast(device_type=position_ids.device.type, enabled=False):
-            freqs = position_ids[..., None].float() * self.inv_freq.float().to(position_ids.device)
+            freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
             emb = torch.cat((freqs, freqs), dim=-1)
             return emb.cos()[:, None], emb.sin()[:, None]
-
 
 
 def apply_rotary(q, k, cos, sin, full_precision: bool):

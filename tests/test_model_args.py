@@ -1,0 +1,61 @@
+import pytest
+
+from lm_eval_dlmem.model_args import ModelArgs
+
+
+def test_cli_types_are_cast():
+    # lm-eval turns "-1" into -1.0, "8" into int, "true" into bool, "none" into None
+    a = ModelArgs.from_kwargs(pretrained="x", steps=64.0, gen_length="128", mc_num=-1.0 + 17,
+                              stop_early="false", metastate="none", cfg=0.5, batch_size=8)
+    assert a.steps == 64 and isinstance(a.steps, int)
+    assert a.gen_length == 128
+    assert a.mc_num == 16
+    assert a.stop_early is False
+    assert a.metastate is None
+    assert a.cfg_scale == 0.5  # LLaDA's `cfg` alias
+    assert a.batch_size == "8"
+
+
+def test_unknown_arg_lists_valid_ones():
+    with pytest.raises(ValueError) as e:
+        ModelArgs.from_kwargs(pretrained="x", stepz=3)
+    msg = str(e.value)
+    assert "stepz" in msg and "Did you mean steps" in msg and "Valid model args" in msg
+
+
+def test_malformed_value_is_named():
+    with pytest.raises(ValueError, match=r"steps=.*malformed"):
+        ModelArgs.from_kwargs(pretrained="x", steps="many")
+    with pytest.raises(ValueError, match="malformed"):
+        ModelArgs.from_kwargs(pretrained="x", steps=2.5)
+
+
+def test_trust_remote_code_rejected_with_reason():
+    with pytest.raises(ValueError, match="remote code is never run"):
+        ModelArgs.from_kwargs(pretrained="x", trust_remote_code=True)
+    # False is harmless and accepted (HFLM command lines often carry it)
+    ModelArgs.from_kwargs(pretrained="x", trust_remote_code=False)
+
+
+def test_pretrained_required_and_memory_exclusive():
+    with pytest.raises(ValueError, match="pretrained= is required"):
+        ModelArgs.from_kwargs()
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ModelArgs.from_kwargs(pretrained="x", metastate="ckpt", inner_steps=2)
+
+
+def test_fast_dllm_cache_spelling():
+    assert ModelArgs.from_kwargs(pretrained="x", use_cache=True).cache == "prefix"
+    assert ModelArgs.from_kwargs(pretrained="x", use_cache=True, dual_cache=True).cache == "dual"
+
+
+def test_preset_defaults_are_overridable():
+    a = ModelArgs.from_kwargs({"strategy": "dream", "alg": "entropy"}, pretrained="x", alg="maskgit_plus")
+    assert a.strategy == "dream" and a.alg == "maskgit_plus"
+
+
+def test_fingerprint_ignores_batch_size_only():
+    a = ModelArgs.from_kwargs(pretrained="x", batch_size=1).fingerprint_fields()
+    b = ModelArgs.from_kwargs(pretrained="x", batch_size=8).fingerprint_fields()
+    c = ModelArgs.from_kwargs(pretrained="x", steps=8).fingerprint_fields()
+    assert a == b and a != c

@@ -1,0 +1,6 @@
+"""Memory methods the decoder can run with: the protocol, the frozen baseline, MetaState."""
+
+from .base import Memory, NoMemory, StepInfo
+from .metastate import MetaState, MetaStateConfig, load_memory_for
+
+__all__ = ["Memory", "MetaState", "MetaStateConfig", "NoMemory", "StepInfo", "load_memory_for"]

@@ -1,0 +1,1 @@
+"""Training scripts for the memory methods (run through `lm-eval-dlmem train metastate|memdlm`)."""

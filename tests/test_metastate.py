@@ -15,6 +15,15 @@ from lm_eval_dlmem.testing import make_tiny_checkpoint
 SMALL = dict(slots=4, width=32, heads=4)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one thread is several times faster than two on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def backbones(tiny_ckpts):
     return {fam: load_backbone(path) for fam, path in tiny_ckpts.items()}

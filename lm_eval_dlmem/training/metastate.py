@@ -1,0 +1,370 @@
+"""Train a MetaState on a frozen dLLM with K-step unrolled denoising.
+
+    lm-eval-dlmem train metastate --backbone GSAI-ML/LLaDA-8B-Instruct --data pairs.jsonl \\
+        --output-dir ckpt/ms-llada --unroll-steps 4 --denoise-steps 32
+
+One training example is a prompt/response pair (the prompt is never masked). The unroll places
+the response somewhere on a `denoise_steps`-step linear schedule (a random start step s0, so
+every phase of decoding is seen): a random subset of ceil(R (T - s0) / T) response tokens is
+masked, then K consecutive denoising steps run exactly as at inference: forward with the memory,
+commit the most confident masked positions with the backbone's argmax predictions (LLaDA's
+low-confidence remasking; the choice carries no gradient), carry the state. The loss is the
+masked-token cross-entropy of each step summed over the K steps, back-propagated through the
+state (BPTT over the K forwards). Only MetaState parameters train; the backbone is frozen (bf16,
+or 4-bit with --load-in-4bit, on CUDA; float32 on CPU).
+
+Multi-GPU: `accelerate launch -m lm_eval_dlmem.cli train metastate ...` (data parallel).
+The output directory holds the final MetaState (`metastate=OUTPUT_DIR` in lm_eval model args),
+`checkpoint-N/` every --save-every steps (weights + optimizer state, for --resume) and
+`train_log.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..memory.base import NoMemory, StepInfo
+
+
+@dataclass
+class UnrollConfig:
+    """Args:
+        unroll_steps: K, consecutive denoising steps per example (the BPTT length).
+        denoise_steps: T, steps of the full schedule the K steps are cut from (the inference
+            `steps` for one response; each step commits about R / T tokens).
+        pad_as_response: the right padding (EOS) is part of the response, attended and
+            predicted, as in LLaDA's SFT: at inference the generation region after the answer
+            is EOS too. False: padding is neither attended nor predicted.
+    """
+
+    unroll_steps: int = 4
+    denoise_steps: int = 16
+    pad_as_response: bool = True
+
+    def __post_init__(self):
+        if not 1 <= self.unroll_steps <= self.denoise_steps:
+            raise ValueError(f"Need 1 <= unroll_steps ({self.unroll_steps}) <= denoise_steps ({self.denoise_steps}).")
+
+
+def masked_count(resp_len: torch.Tensor, step, total: int) -> torch.Tensor:
+    """Tokens still masked after `step` of `total` linear-schedule steps: ceil(R (T - s) / T)."""
+    return torch.div(resp_len * (total - step) + total - 1, total, rounding_mode="floor")
+
+
+def first_k(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the k[b] allowed positions with the highest score: bool [B, L]."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
+    return allowed & (ranks < k[:, None])
+
+
+def response_mask(batch: dict, cfg: UnrollConfig):
+    """(attention mask, response mask) [B, L]: what is attended, what is masked and predicted."""
+    attn = batch["attention_mask"]
+    if cfg.pad_as_response:
+        attn = torch.ones_like(attn)
+    return attn, attn.bool() & ~batch["prompt_mask"].bool()
+
+
+def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: torch.Generator):
+    """Run K denoising steps from a partly masked response; return (sum of per-step CE, [K] CE).
+
+    Args:
+        backbone: the frozen `Backbone`.
+        memory: a `Memory` (MetaState, or NoMemory for the frozen baseline).
+        batch: `collate` output on the backbone's device: input_ids, attention_mask, prompt_mask [B, L].
+        cfg: K and T.
+        generator: CPU generator for the start step and the masked subset (reproducible eval).
+    """
+    x0 = batch["input_ids"]
+    attn, resp = response_mask(batch, cfg)
+    B, L = x0.shape
+    K, T = cfg.unroll_steps, cfg.denoise_steps
+    resp_len = resp.sum(1)
+    s0 = torch.randint(0, T - K + 1, (B,), generator=generator).to(x0.device)
+    noise = torch.rand(B, L, generator=generator).to(x0.device)
+    masked = first_k(noise, resp, masked_count(resp_len, s0, T))
+    x = torch.where(masked, backbone.spec.mask_id, x0)
+    a = int(resp.float().argmax(1).min())  # logits only from the earliest response position
+    losses = []
+    memory.begin(backbone, x, attn, batch["prompt_mask"])
+    try:
+        for k in range(K):
+            ratio = masked.sum(1) / resp_len.clamp_min(1)
+            info = StepInfo(step=k, mask_ratio=ratio, window=(0, L), input_ids=x, full=True)
+            memory.before_forward(info)
+            logits = backbone.logits(x, attn, keep=(a, L))  # [B, L - a, V]
+            memory.after_forward(info)
+            m = masked[:, a:]
+            if m.any():
+                losses.append(F.cross_entropy(logits[m].float(), x0[:, a:][m]))
+            with torch.no_grad():  # the backbone's own low-confidence unmasking
+                conf, pred = logits.detach().float().softmax(-1).max(-1)
+                n = masked_count(resp_len, s0 + k, T) - masked_count(resp_len, s0 + k + 1, T)
+                commit = F.pad(first_k(conf, m, n), (a, 0), value=False)
+                x = torch.where(commit, F.pad(pred, (a, 0)), x)
+                masked = masked & ~commit
+    finally:
+        memory.end()
+    per_step = torch.stack(losses) if losses else x0.new_zeros(1, dtype=torch.float32, requires_grad=True)
+    return per_step.sum(), per_step
+
+
+class UnrolledDenoiser(nn.Module):
+    """The trainable unit handed to accelerate: MetaState as its only submodule, so DDP syncs
+    exactly the MetaState gradients; `forward(batch, seed)` returns the K-step loss."""
+
+    def __init__(self, metastate, backbone, cfg: UnrollConfig):
+        super().__init__()
+        self.metastate = metastate
+        self.backbone = backbone  # a plain dataclass: its parameters are not registered here
+        self.cfg = cfg
+
+    def forward(self, batch: dict, seed: int):
+        return unrolled_loss(self.backbone, self.metastate, batch, self.cfg, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def evaluate(backbone, memory, batches, cfg: UnrollConfig, seed: int = 1234, accelerator=None) -> float:
+    """Held-out K-step denoising loss: per step, the token-mean CE over all batches; summed over K.
+    The same seed gives the same starts and masks, so MetaState and the frozen model are compared
+    on identical inputs."""
+    total = torch.zeros(2, cfg.unroll_steps, dtype=torch.float64)
+    for i, batch in enumerate(batches):
+        g = torch.Generator().manual_seed(seed + i)
+        _, per_step = unrolled_loss(backbone, memory, batch, cfg, g)
+        n = response_mask(batch, cfg)[1].sum().item()
+        total[0, : len(per_step)] += per_step.double().cpu() * n  # weight by response tokens
+        total[1, : len(per_step)] += n
+    if accelerator is not None:
+        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    return float((total[0] / total[1].clamp_min(1)).sum())
+
+
+def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Multiplier of the base lr: linear warmup, then cosine decay to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lm-eval-dlmem train metastate", description=__doc__.split("\n\n")[0])
+    # model
+    p.add_argument("--backbone", required=True, help="frozen backbone: checkpoint directory or hub id")
+    p.add_argument("--dtype", default="auto", help="backbone dtype: auto (bf16 on CUDA, float32 on CPU), bfloat16, float32")
+    p.add_argument("--load-in-4bit", action="store_true", help="load the frozen backbone in 4-bit NF4 (CUDA only)")
+    # MetaState
+    p.add_argument("--init-from", default=None, help="start from this MetaState checkpoint instead of a fresh one")
+    p.add_argument("--slots", type=int, default=None, help="memory slots M (default: MetaStateConfig.slots)")
+    p.add_argument("--width", type=int, default=None, help="memory width d (default: MetaStateConfig.width)")
+    p.add_argument("--heads", type=int, default=None, help="attention heads of Mixer/Injector")
+    p.add_argument("--read-layer", type=int, default=None, help="layer the Mixer reads (default ~3/4 depth)")
+    p.add_argument("--write-layer", type=int, default=None, help="layer the Injector writes (default ~1/4 depth)")
+    # data
+    p.add_argument("--data", required=True, help="hub dataset id or local .jsonl/.json of prompt/response pairs")
+    p.add_argument("--split", default="train", help="dataset split")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many training pairs")
+    p.add_argument("--eval-data", default=None, help="held-out pairs (default: hold out --eval-size training pairs)")
+    p.add_argument("--eval-size", type=int, default=64, help="pairs held out for evaluation when --eval-data is not given")
+    p.add_argument("--max-length", type=int, default=1024, help="drop pairs longer than this many tokens")
+    p.add_argument("--no-chat-template", action="store_true", help="concatenate prompt and response without the chat template")
+    # unrolling
+    p.add_argument("--unroll-steps", type=int, default=4, help="K: denoising steps unrolled per example")
+    p.add_argument("--denoise-steps", type=int, default=16, help="T: steps of the schedule the K steps are cut from")
+    p.add_argument("--ignore-padding", action="store_true", help="do not treat the EOS right padding as response to predict")
+    # optimisation
+    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data order, masks and init")
+    # checkpoints and logging
+    p.add_argument("--output-dir", required=True, help="where the final MetaState, checkpoints and log go")
+    p.add_argument("--save-every", type=int, default=200, help="write checkpoint-N every N steps (0 = only at the end)")
+    p.add_argument("--eval-every", type=int, default=200, help="held-out loss every N steps (0 = only at start and end)")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'latest' in --output-dir")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is available")
+    return p
+
+
+def load_examples(args, tokenizer):
+    """Tokenized training and held-out examples (lists of {input_ids, prompt_len})."""
+    from .data import load_pairs, tokenize_pairs
+
+    tok = lambda pairs: tokenize_pairs(pairs, tokenizer, max_length=args.max_length,  # noqa: E731
+                                       chat_template=not args.no_chat_template)
+    train = tok(load_pairs(args.data, split=args.split, limit=args.limit))
+    if args.eval_data:
+        return train, tok(load_pairs(args.eval_data, split=args.split))
+    if len(train) <= args.eval_size:
+        raise ValueError(f"{len(train)} training pairs cannot spare --eval-size {args.eval_size}; lower it or pass --eval-data.")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    return [train[i] for i in order[args.eval_size:]], [train[i] for i in order[: args.eval_size]]
+
+
+class Batches:
+    """Deterministic micro-batches: batch i of process `rank` comes from a per-epoch permutation
+    seeded by (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
+
+    def __init__(self, examples, batch_size, pad_id, seed, rank=0, world=1, device="cpu"):
+        self.examples, self.bs, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.rank, self.world, self.device = rank, world, device
+        self.per_epoch = len(examples) // (batch_size * world)
+        if self.per_epoch == 0:
+            raise ValueError(f"{len(examples)} examples are fewer than one batch ({batch_size} x {world} processes).")
+
+    def __getitem__(self, i: int) -> dict:
+        from .data import collate
+
+        epoch, j = divmod(i, self.per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
+        start = (j * self.world + self.rank) * self.bs
+        return to_device(collate([self.examples[k] for k in order[start : start + self.bs].tolist()], self.pad_id), self.device)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def eval_batches(examples, batch_size, pad_id, accelerator) -> list[dict]:
+    from .data import collate
+
+    mine = examples[accelerator.process_index :: accelerator.num_processes]
+    return [to_device(collate(mine[i : i + batch_size], pad_id), accelerator.device) for i in range(0, len(mine), batch_size)]
+
+
+def make_optimizer(module, args):
+    """AdamW; weight decay on projection matrices only (not gates, biases, slot embeddings)."""
+    decay = [p for n, p in module.named_parameters() if p.ndim >= 2 and n != "slot_init"]
+    rest = [p for n, p in module.named_parameters() if not (p.ndim >= 2 and n != "slot_init")]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
+
+
+def find_resume(spec: str, output_dir: str) -> str | None:
+    if spec != "latest":
+        if not os.path.isfile(os.path.join(spec, "trainer_state.pt")):
+            raise FileNotFoundError(f"--resume {spec}: no trainer_state.pt there; pass a checkpoint-N directory or 'latest'.")
+        return spec
+    steps = [int(m.group(1)) for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(path, metastate, optimizer, scheduler, step, args) -> None:
+    metastate.save_pretrained(path)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "args": vars(args)}
+    torch.save(state, os.path.join(path, "trainer_state.pt"))
+
+
+def setup(args):
+    """Accelerator, frozen backbone, MetaState, optimizer, schedule (and the resumed step)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    from ..backbones.loading import load_backbone
+    from ..memory.metastate import MetaState
+
+    # with K = 1 the Mixer/Updater output never reaches the loss: DDP must allow unused parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.unroll_steps == 1)
+    acc = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=args.cpu, kwargs_handlers=[ddp])
+    on_cuda = acc.device.type == "cuda"
+    if args.load_in_4bit and not on_cuda:
+        raise ValueError("--load-in-4bit needs a CUDA device (bitsandbytes); drop it to train in float32 on CPU.")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if on_cuda else "float32")
+    backbone = load_backbone(args.backbone, dtype=dtype, device=acc.device, load_in_4bit=args.load_in_4bit)
+    backbone.model.requires_grad_(False)
+    torch.manual_seed(args.seed)
+    if args.init_from:
+        ms = MetaState.from_pretrained(args.init_from, backbone)
+    else:
+        sizes = dict(slots=args.slots, width=args.width, heads=args.heads,
+                     read_layer=args.read_layer, write_layer=args.write_layer)
+        ms = MetaState.init_for(backbone, **{k: v for k, v in sizes.items() if v is not None})
+    optimizer = make_optimizer(ms, args)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_lr(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    step = 0
+    resume = find_resume(args.resume, args.output_dir) if args.resume else None
+    if resume:
+        ms.load_state_dict(MetaState.from_pretrained(resume).state_dict())
+        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = int(state["step"])
+    model, optimizer = acc.prepare(UnrolledDenoiser(ms, backbone, UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)), optimizer)
+    return acc, backbone, ms, model, optimizer, scheduler, step, resume
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ucfg = UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)
+    acc, backbone, ms, model, optimizer, scheduler, step, resume = setup(args)
+    train, held_out = load_examples(args, backbone.tokenizer)
+    pad_id = backbone.spec.eos_id  # EOS padding, as the generation region is filled at inference
+    batches = Batches(train, args.batch_size, pad_id, args.seed, acc.process_index, acc.num_processes, acc.device)
+    evals = eval_batches(held_out, args.batch_size, pad_id, acc)
+    os.makedirs(args.output_dir, exist_ok=True)
+    log = open(os.path.join(args.output_dir, "train_log.jsonl"), "a") if acc.is_main_process else None
+
+    def record(**row):
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    if not resume:
+        record(step=0, eval_frozen=evaluate(backbone, NoMemory(), evals, ucfg, accelerator=acc),
+               eval_metastate=evaluate(backbone, ms, evals, ucfg, accelerator=acc))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=args.max_steps, initial=step, disable=not acc.is_main_process, desc="metastate")
+    while step < args.max_steps:
+        model.train()
+        total = 0.0
+        for a in range(args.grad_accum):
+            i = step * args.grad_accum + a
+            with acc.accumulate(model):
+                loss, _ = model(batches[i], seed=args.seed * 1_000_003 + i * acc.num_processes + acc.process_index)
+                acc.backward(loss)
+                total += loss.item() / args.grad_accum
+                if acc.sync_gradients and args.grad_clip > 0:
+                    acc.clip_grad_norm_(ms.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad()
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        record(step=step, loss=total, lr=scheduler.get_last_lr()[0])
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            record(step=step, eval_metastate=evaluate(backbone, ms, evals, ucfg, accelerator=acc))
+        if args.save_every and step % args.save_every == 0 and acc.is_main_process:
+            save_checkpoint(os.path.join(args.output_dir, f"checkpoint-{step}"), ms, optimizer, scheduler, step, args)
+        acc.wait_for_everyone()
+    bar.close()
+    final = evaluate(backbone, ms, evals, ucfg, accelerator=acc)
+    record(step=step, eval_metastate=final)
+    if acc.is_main_process:
+        ms.save_pretrained(args.output_dir)
+        print(f"held-out {ucfg.unroll_steps}-step loss: metastate {final:.4f}; saved {args.output_dir}")
+    if log:
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

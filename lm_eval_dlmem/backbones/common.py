@@ -168,14 +168,14 @@ class SelfAttention(AttentionMixin, nn.Module):
     rope_full_precision = False
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, layer_idx: int, *,
-                 qkv_bias: bool, qk_norm_eps: float | None = None):
+                 qkv_bias: bool, o_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()
         D = hidden // n_heads
         self.n_heads, self.n_kv_heads, self.head_dim, self.layer_idx = n_heads, n_kv_heads, D, layer_idx
         self.q_proj = nn.Linear(hidden, n_heads * D, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden, n_kv_heads * D, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * D, bias=qkv_bias)
-        self.o_proj = nn.Linear(n_heads * D, hidden, bias=False)
+        self.o_proj = nn.Linear(n_heads * D, hidden, bias=o_bias)
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(D, qk_norm_eps)
             self.k_norm = RMSNorm(D, qk_norm_eps)

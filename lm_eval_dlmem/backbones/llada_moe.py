@@ -113,7 +113,8 @@ class LLaDAMoEConfig(PretrainedConfig):
         if problems:
             raise ValueError(
                 "This LLaDA-MoE config uses options the released LLaDA-MoE-7B-A1B does not: "
-                + ", ".join(problems) + "."
+                + ", ".join(problems) + ". Only its layout is supported (hidden_act='silu', no clip_qkv, "
+                "plain RoPE, softmax router); load a LLaDA-MoE-7B-A1B checkpoint or fix config.json."
             )
 
     def is_moe_layer(self, i: int) -> bool:
@@ -167,7 +168,7 @@ class LLaDAMoEDecoderLayer(nn.Module):
         C = config.hidden_size
         self.self_attn = SelfAttention(
             C, config.num_attention_heads, config.num_key_value_heads, layer_idx,
-            qkv_bias=bool(config.attention_bias),
+            qkv_bias=bool(config.attention_bias), o_bias=bool(config.attention_bias),
             qk_norm_eps=config.rms_norm_eps if config.qk_layernorm else None,
         )
         moe = config.is_moe_layer(layer_idx)

@@ -144,20 +144,28 @@ class Backbone:
         if not (0 <= s <= a <= b <= e <= L):
             raise ValueError(f"keep={keep} must lie inside window={window} within a canvas of {L} tokens.")
         shift = 1 if self.spec.logit_shift else 0
-        # Raw logit j predicts token j + shift; token 0 of a shifted model reuses raw logit 0.
+        # Raw logit j predicts token j + shift. A shifted model has no prediction for a row's first
+        # real token; it gets the raw logit at its own position, as in Dream's sampler
+        # (cat([l[:, :1], l[:, :-1]])), so left-padded rows match unpadded ones there too.
         fs = max(s - shift, 0) if (cache is not None and len(cache)) else 0
         fe = e if (cache is not None and len(cache)) else L
-        ra, rb = max(a - shift, 0), b - shift
-        out = self.model(
+        ra = max(a - shift, 0)
+        raw = self.model(
             input_ids=input_ids[:, fs:fe],
             attention_mask=attention_mask,
             past_key_values=cache,
             use_cache=cache is not None,
             cache_position=fs,
-            logits_to_keep=slice(ra - fs, max(rb, ra) - fs),
-        ).logits
-        if shift and a == 0:
-            out = torch.cat([out[:, :1], out], dim=1)[:, : b - a]
+            logits_to_keep=slice(ra - fs, b - fs),
+        ).logits  # raw positions ra .. b-1
+        if not shift:
+            return raw
+        out = torch.cat([raw[:, :1], raw[:, :-1]], dim=1) if a == 0 else raw[:, :-1]
+        if attention_mask is not None:
+            first = attention_mask.long().argmax(-1)  # first real position of each row
+            rows = ((first >= max(a, 1)) & (first < b)).nonzero().flatten()
+            if rows.numel():
+                out[rows, first[rows] - a] = raw[rows, first[rows] - ra]
         return out
 
     def __call__(self, *args, **kwargs):
@@ -175,6 +183,7 @@ def load_backbone(
     revision: str | None = None,
     device_map=None,
     tokenizer: str | None = None,
+    torch_dtype: str | torch.dtype | None = None,
     **model_kwargs,
 ) -> Backbone:
     """Load a LLaDA / Dream / LLaDA-MoE checkpoint (local dir or hub id) without remote code.
@@ -188,6 +197,7 @@ def load_backbone(
         revision: hub revision.
         device_map: passed to from_pretrained (e.g. "auto" to spread over GPUs).
         tokenizer: tokenizer path or id when it is not stored with the weights.
+        torch_dtype: the transformers 4 name of `dtype`, accepted as an alias.
 
     Returns:
         Backbone with `.model`, `.tokenizer`, `.spec` (ids resolved against the tokenizer).
@@ -196,6 +206,10 @@ def load_backbone(
     config = read_config(pretrained, revision)
     family = family or detect_family(config)
     cls = model_class(family)
+    if torch_dtype is not None:
+        if str(dtype) != "auto" and resolve_dtype(dtype, device) != resolve_dtype(torch_dtype, device):
+            raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass only dtype.")
+        dtype = torch_dtype
     torch_dtype = resolve_dtype(dtype, device)
     kwargs = dict(dtype=torch_dtype, revision=revision, **model_kwargs)
     if load_in_4bit or load_in_8bit:
@@ -231,14 +245,17 @@ def load_tokenizer(path: str, revision: str | None = None):
 
 
 def resolve_dtype(dtype, device=None):
+    """A dtype name or torch.dtype -> torch.dtype (or "auto"), refusing what the device cannot run."""
     if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
-    resolved = DTYPES[key]
+        resolved = dtype
+    else:
+        key = str(dtype).lower().replace("torch.", "")
+        if key not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}.")
+        resolved = DTYPES[key]
     dev = torch.device(device) if device is not None else None
-    if resolved == torch.float16 and (dev is None or dev.type == "cpu") and not torch.cuda.is_available():
+    on_cpu = dev.type == "cpu" if dev is not None else not torch.cuda.is_available()
+    if resolved == torch.float16 and on_cpu:
         raise ValueError(
             "dtype=float16 is not supported for CPU inference here (matmuls are slow or unsupported); "
             "use dtype=float32 or bfloat16 on CPU, or run on a GPU."

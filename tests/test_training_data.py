@@ -69,3 +69,13 @@ def test_collate_right_pads():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["prompt_mask"].dtype == torch.bool
     assert batch["prompt_mask"].tolist() == [[True, True, False], [True, False, False]]
+
+
+def test_toy_pairs_answer_is_in_the_prompt():
+    from lm_eval_dlmem.training.data import toy_pairs
+
+    pairs = toy_pairs(20, seed=3)
+    assert pairs == toy_pairs(20, seed=3) and pairs != toy_pairs(20, seed=4)
+    for prompt, response in pairs:
+        who, place = response.split(" is in the ")
+        assert f"{who} moved to the {place[:-1]}." in prompt and prompt.endswith(f"Where is {who}?")

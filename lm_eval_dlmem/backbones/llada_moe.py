@@ -10,6 +10,8 @@ weights *not* renormalised (the released block hard-codes `norm_topk_prob = Fals
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -121,6 +123,12 @@ class LLaDAMoEConfig(PretrainedConfig):
         return not self.moe_layer_freq or self.moe_layer_freq[i] != 0
 
 
+# While an expert runs: (token indices [N_e] into the flattened [B*l] input, l). Per-row adapters
+# inside experts (MemDLM fast weights) read it to find each token's batch row; the backbone never
+# does. A ContextVar costs nothing when unused and is set again when checkpointing recomputes.
+EXPERT_TOKENS: ContextVar[tuple[torch.Tensor, int] | None] = ContextVar("expert_tokens", default=None)
+
+
 class SparseMoE(nn.Module):
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__()
@@ -157,7 +165,11 @@ class SparseMoE(nn.Module):
         w = weights.flatten()
         for e, (slot, tok) in enumerate(zip(slots, tokens)):
             if tok.numel():
-                y = self.experts[e](x[tok]) * w[slot, None]
+                scope = EXPERT_TOKENS.set((tok, shape[-2] if len(shape) == 3 else 1))
+                try:
+                    y = self.experts[e](x[tok]) * w[slot, None]
+                finally:
+                    EXPERT_TOKENS.reset(scope)
                 out.index_add_(0, tok, y.to(x.dtype))
         return out.reshape(shape)
 

@@ -13,6 +13,8 @@ import os
 import torch
 
 TRUNCATION = ("filter", "right")
+_NAMES = ("Mary", "John", "Daniel", "Sandra", "Fred", "Bill")
+_PLACES = ("bathroom", "hallway", "office", "garden", "kitchen", "bedroom")
 
 
 def load_pairs(source: str, *, split: str = "train", limit: int | None = None) -> list[tuple[str, str]]:
@@ -178,3 +180,25 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         attention_mask[i, :n] = 1
         prompt_mask[i, : e["prompt_len"]] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompt_mask": prompt_mask}
+
+
+def toy_pairs(n: int, *, seed: int = 0, facts: int = 4) -> list[tuple[str, str]]:
+    """An offline bAbI-style set for smoke runs and tests: a few "X moved to the Y." facts, a
+    question about one person, and the answer, which only the prompt can tell.
+
+    Args:
+        n: number of pairs.
+        seed: seed of the random stories.
+        facts: sentences per story.
+    """
+    import random
+
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        names = rng.sample(_NAMES, facts)
+        where = {name: rng.choice(_PLACES) for name in names}
+        story = " ".join(f"{name} moved to the {where[name]}." for name in names)
+        who = rng.choice(names)
+        pairs.append((f"{story} Where is {who}?", f"{who} is in the {where[who]}."))
+    return pairs

@@ -1,0 +1,121 @@
+"""Masked NLL of responses along two trajectories (MemDLM paper section 2.2):
+
+- static: the ground-truth response with a random share r of its tokens masked; the loss is
+  the mean NLL of the masked tokens given a pristine context (the training condition);
+- sequential: the response starts fully masked and the model unmasks it itself, committing its
+  most confident predictions, and the loss at ratio r is the NLL of the still-masked ground-truth
+  tokens given its own earlier commits (the inference condition).
+
+With a memory (MemDLM fast weights) the inner loop first adapts on the prompt of each row.
+Batches are `training.data.collate` dicts (right padding); padding never counts as response.
+Every row draws its masks from its own seed, so configurations compare on identical masks.
+Shapes: B rows, L tokens, V vocab.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+def response_mask(batch: dict) -> torch.Tensor:
+    """bool [B, L]: real response tokens (not prompt, not padding)."""
+    return batch["attention_mask"].bool() & ~batch["prompt_mask"]
+
+
+def static_masks(maskable: torch.Tensor, ratio: float, seeds: list[int]) -> torch.Tensor:
+    """Exactly max(1, floor(n * ratio)) random response tokens of each row (n its length)."""
+    masked = torch.zeros_like(maskable)
+    for i, seed in enumerate(seeds):
+        idx = maskable[i].nonzero().squeeze(1)
+        if idx.numel() == 0:
+            continue
+        k = min(idx.numel(), max(1, int(idx.numel() * ratio)))
+        perm = torch.randperm(idx.numel(), generator=torch.Generator().manual_seed(seed)).to(idx.device)
+        masked[i, idx[perm[:k]]] = True
+    return masked
+
+
+def masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """Mean NLL over each row's masked positions, [B] (nan for a row with none)."""
+    nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
+    return (nll * masked).sum(1) / masked.sum(1)
+
+
+@contextmanager
+def adapted(backbone, batch: dict, memory, seeds: list[int]):
+    """Run the memory's inner loop on each row's prompt for the duration of the block."""
+    if memory is None:
+        yield
+        return
+    memory.begin(backbone, batch["input_ids"], batch["attention_mask"], batch["prompt_mask"], seeds)
+    try:
+        yield
+    finally:
+        memory.end()
+
+
+def _seeds(batch: dict, seed: int, seeds: list[int] | None) -> list[int]:
+    return list(seeds) if seeds is not None else [seed + i for i in range(batch["input_ids"].shape[0])]
+
+
+@torch.no_grad()
+def static_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0, seeds: list[int] | None = None) -> dict:
+    """{ratio: [B] mean NLL of the masked response tokens} for the static trajectory.
+
+    Args:
+        backbone: the model (with or without an outer adapter).
+        batch: a collated batch on the backbone's device.
+        ratios: mask ratios to measure.
+        memory: optional `FastWeightMemory`; its inner loop runs once on the prompts.
+        seed / seeds: base seed, or one seed per row (default seed + row index).
+    """
+    seeds = _seeds(batch, seed, seeds)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    maskable = response_mask(batch)
+    out = {}
+    with adapted(backbone, batch, memory, seeds):
+        for j, ratio in enumerate(ratios):
+            masked = static_masks(maskable, ratio, [s * 1009 + j for s in seeds])
+            logits = backbone.logits(torch.where(masked, backbone.spec.mask_id, ids), attn)
+            out[ratio] = masked_nll(logits, ids, masked)
+    return out
+
+
+@torch.no_grad()
+def sequential_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0, seeds: list[int] | None = None) -> dict:
+    """{ratio: [B]} for the sequential trajectory: from a fully masked response, the NLL of the
+    still-masked tokens at each ratio (descending), then low-confidence remasking down to the
+    next ratio (the most confident predictions are committed). Arguments as `static_nll`."""
+    seeds = _seeds(batch, seed, seeds)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    maskable = response_mask(batch)
+    n = maskable.sum(1)
+    canvas = torch.where(maskable, backbone.spec.mask_id, ids)
+    ratios = sorted(ratios, reverse=True)
+    out = {}
+    with adapted(backbone, batch, memory, seeds):
+        for k, ratio in enumerate(ratios):
+            masked = (canvas == backbone.spec.mask_id) & maskable
+            if not masked.any():
+                break
+            logits = backbone.logits(canvas, attn)
+            out[ratio] = masked_nll(logits, ids, masked)
+            if k + 1 < len(ratios):
+                canvas = _commit(canvas, logits, masked, n, ratios[k + 1])
+    return out
+
+
+def _commit(canvas, logits, masked, n, next_ratio: float) -> torch.Tensor:
+    probs = logits.float().softmax(-1)
+    confidence, pred = probs.max(-1)
+    confidence = confidence.masked_fill(~masked, -1.0)
+    canvas = canvas.clone()
+    for i in range(canvas.shape[0]):
+        reveal = int(masked[i].sum()) - int(int(n[i]) * next_ratio)
+        if reveal > 0:
+            top = confidence[i].topk(reveal).indices
+            canvas[i, top] = pred[i, top]
+    return canvas

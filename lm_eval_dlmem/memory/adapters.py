@@ -1,0 +1,88 @@
+"""Outer PEFT LoRA adapters for MemDLM: load a released adapter onto a backbone, or add a fresh one
+for training (LoRA on every linear layer of the decoder blocks, r 32, alpha 64, dropout 0.05).
+
+The adapters are plain PEFT LoRA checkpoints (`adapter_config.json` + `adapter_model.safetensors`)
+keyed by the official parameter names, so `JarvisPei/LLaDA-MoE-7B-A1B-Base-MemDLM` and adapters
+written by `lm-eval-dlmem train memdlm` load the same way, over a float or a 4-bit base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import torch.nn as nn
+
+
+def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
+    """Apply a PEFT LoRA adapter (the outer MemDLM weights) to a backbone.
+
+    Args:
+        backbone: a loaded `Backbone` (float or bitsandbytes 4-bit).
+        adapter: local adapter directory or Hub id.
+        revision: Hub revision of the adapter.
+
+    Returns:
+        A new `Backbone` whose `.model` is the `PeftModel` (the base modules are modified in
+        place, as PEFT does); `.layers` still reaches the decoder blocks.
+    """
+    try:
+        from peft import PeftConfig, PeftModel
+    except ImportError as e:  # pragma: no cover - peft is a dependency
+        raise ImportError("adapter= needs peft: pip install peft") from e
+    if os.path.sep in adapter and not os.path.isdir(os.path.expanduser(adapter)):
+        raise FileNotFoundError(f"adapter={adapter!r} is not a directory; pass a PEFT adapter directory or Hub id.")
+    adapter = os.path.expanduser(adapter)
+    try:
+        config = PeftConfig.from_pretrained(adapter, revision=revision)
+    except Exception as e:  # hub/file errors come in many types; the message says what to do
+        raise FileNotFoundError(
+            f"Could not read adapter_config.json from {adapter!r} ({type(e).__name__}: {e}). "
+            "Pass a PEFT LoRA adapter directory or Hub id (network needed for Hub ids)."
+        ) from e
+    # A task-specific PeftModel (e.g. CAUSAL_LM) re-plumbs forward() for autoregressive models;
+    # our backbones only need the adapted modules, so the plain PeftModel is always used.
+    config.task_type = None
+    model = PeftModel.from_pretrained(backbone.model, adapter, config=config, revision=revision)
+    model.eval()
+    return dataclasses.replace(backbone, model=model)
+
+
+def linear_targets(model: nn.Module) -> str:
+    """A PEFT `target_modules` regex over every linear layer inside the decoder blocks.
+
+    This is PEFT's `all-linear` minus anything outside the blocks, spelled out so that LLaDA's
+    LM head (`model.transformer.ff_out`) is excluded while its MLP down-projection, also named
+    `ff_out`, is kept. Layer and expert indices are generalised to `\\d+`.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    patterns = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module is not head and re.search(r"\.\d+\.", name):
+            patterns.add(re.sub(r"\.\d+(?=\.|$)", ".<N>", name))  # model.layers.<N>.mlp.gate_proj
+    if not patterns:
+        raise ValueError("The model has no linear layers inside numbered decoder blocks to put LoRA on.")
+    alternatives = (re.escape(p).replace("<N>", r"\d+") for p in sorted(patterns))
+    return "^(?:" + "|".join(alternatives) + ")$"
+
+
+def add_outer_lora(backbone, *, r: int = 32, alpha: float = 64.0, dropout: float = 0.05):
+    """Wrap a backbone in a fresh, trainable outer LoRA (MemDLM's released recipe).
+
+    Args:
+        backbone: a loaded `Backbone`; for a 4-bit base call
+            `peft.prepare_model_for_kbit_training` on `backbone.model` first.
+        r / alpha / dropout: LoRA rank, scaling numerator and dropout.
+
+    Returns:
+        A new `Backbone` whose `.model` is the trainable `PeftModel`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+        target_modules=linear_targets(backbone.model),
+    )
+    model = get_peft_model(backbone.model, config)
+    return dataclasses.replace(backbone, model=model)

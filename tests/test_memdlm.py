@@ -1,0 +1,182 @@
+"""MemDLM fast weights: targets, exact restore, batched == row by row, the inner loop's effect,
+mask states, and fast weights on top of an outer PEFT adapter."""
+
+import pytest
+import torch
+
+from lm_eval_dlmem import load_backbone
+from lm_eval_dlmem.memory.adapters import add_outer_lora, apply_adapter
+from lm_eval_dlmem.memory.anchor import anchor_states, prompt_anchor
+from lm_eval_dlmem.memory.fast_weights import FastLoRA, FastWeightMemory, MemDLMConfig, ffn_projections
+from lm_eval_dlmem.testing import make_tiny_checkpoint
+
+FAMILIES = ("llada", "dream", "llada_moe")
+
+
+@pytest.fixture(scope="module")
+def backbones(tiny_ckpts):
+    return {fam: load_backbone(path) for fam, path in tiny_ckpts.items()}
+
+
+def prompts(backbone, lengths, gen_len=4, seed=0):
+    """Left-padded prompts of the given lengths + a masked generation region."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.full((len(lengths), P + gen_len), backbone.spec.eos_id)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, P - n : P] = torch.randint(10, 300, (n,), generator=g)
+        attn[i, P - n :] = 1
+    ids[:, P:] = backbone.spec.mask_id
+    prompt_mask = torch.zeros_like(ids, dtype=torch.bool)
+    prompt_mask[:, :P] = attn[:, :P].bool()
+    return ids, attn, prompt_mask
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="inner_layer_fraction"):
+        MemDLMConfig(inner_layer_fraction=0.0)
+    with pytest.raises(ValueError, match="pre_anchor_scale"):
+        MemDLMConfig(pre_anchor_scale=0.5)
+    with pytest.raises(ValueError, match="loss_weight"):
+        MemDLMConfig(loss_weight="inverse")
+
+
+@pytest.mark.parametrize(
+    "family, sizes, expected",
+    [
+        ("llada", {}, ["ff_proj", "up_proj", "ff_out"]),
+        ("dream", {}, ["gate_proj", "up_proj", "down_proj"]),
+        ("llada_moe", {}, ["gate_proj", "up_proj", "down_proj"] * 4),
+        ("llada_moe", {"shared_expert_intermediate_size": 16}, ["gate_proj", "up_proj", "down_proj"] * 5),
+        ("llada", {"n_layers": 4}, ["ff_proj", "up_proj", "ff_out"]),  # int(4 * 0.9) = 3: last block only
+    ],
+)
+def test_targets_are_ffn_projections_of_the_last_layers(tmp_path, family, sizes, expected):
+    bb = load_backbone(make_tiny_checkpoint(family, tmp_path / family, **sizes))
+    found = ffn_projections(bb, 0.1)
+    assert [name for _, name, _ in found] == expected
+    last = bb.layers[-1]
+    assert all(any(parent is m for m in last.modules()) for parent, _, _ in found)
+    assert [expert for *_, expert in found] == ([True] * 12 + [False] * 3 if "shared_expert_intermediate_size" in sizes
+                                                 else [family == "llada_moe"] * len(expected))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_end_restores_the_exact_model_and_zero_steps_installs_nothing(backbones, family):
+    bb = backbones[family]
+    ids, attn, pm = prompts(bb, [12, 9])
+    originals = [getattr(p, n) for p, n, _ in ffn_projections(bb, 0.1)]
+    with torch.inference_mode():
+        frozen = bb.logits(ids, attn)
+        off = FastWeightMemory(bb, MemDLMConfig(inner_steps=0))
+        off.begin(bb, ids, attn, pm, [1, 2])
+        assert not off.layers and torch.equal(bb.logits(ids, attn), frozen)
+        mem = FastWeightMemory(bb, MemDLMConfig())
+        mem.begin(bb, ids, attn, pm, [1, 2])
+        assert all(isinstance(getattr(p, n), FastLoRA) for p, n, _ in ffn_projections(bb, 0.1))
+        assert not torch.allclose(bb.logits(ids, attn), frozen)
+        mem.end()
+        assert [getattr(p, n) for p, n, _ in ffn_projections(bb, 0.1)] == originals
+        assert torch.equal(bb.logits(ids, attn), frozen)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_four_equals_rows_one_by_one(backbones, family):
+    bb = backbones[family]
+    lengths, seeds = [14, 9, 14, 6], [5, 6, 7, 8]
+    ids, attn, pm = prompts(bb, lengths)
+    mem = FastWeightMemory(bb, MemDLMConfig(inner_layer_fraction=0.5))
+    with torch.inference_mode():  # as the harness calls it
+        mem.begin(bb, ids, attn, pm, seeds)
+        batched, batch_losses = bb.logits(ids, attn), torch.stack(mem.last_losses)
+        mem.end()
+        P = max(lengths)
+        for i, n in enumerate(lengths):
+            row = slice(P - n, None)  # the row alone, without padding
+            mem.begin(bb, ids[i : i + 1, row], attn[i : i + 1, row], pm[i : i + 1, row], [seeds[i]])
+            single = bb.logits(ids[i : i + 1, row], attn[i : i + 1, row])
+            assert torch.allclose(torch.stack(mem.last_losses)[:, 0], batch_losses[:, i], atol=1e-5)
+            mem.end()
+            assert torch.allclose(single[0], batched[i, row], atol=1e-5), (family, i)
+
+
+def test_select_follows_rows_with_repeats(backbones):
+    bb = backbones["llada_moe"]
+    ids, attn, pm = prompts(bb, [10, 10])
+    mem = FastWeightMemory(bb, MemDLMConfig())
+    with torch.inference_mode():
+        mem.begin(bb, ids, attn, pm, [3, 4])
+        both = bb.logits(ids, attn)
+        index = torch.tensor([1, 1, 0])
+        mem.select(index)
+        picked = bb.logits(ids[index], attn[index])
+        mem.end()
+    assert torch.allclose(picked, both[index], atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inner_loop_lowers_the_prompt_loss_it_optimises(backbones, family):
+    bb = backbones[family]
+    ids, attn, _ = prompts(bb, [32, 32, 32], gen_len=0, seed=1)
+    maskable = attn.bool()
+    mem = FastWeightMemory(bb, MemDLMConfig())
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    mem.install()
+    mem.reset(gens)
+    anchor = prompt_anchor(maskable, 0.2, gens)
+    states = anchor_states(maskable, anchor, 2, 1.5, gens)
+    with torch.no_grad():
+        before = mem.stage_loss(ids, attn, anchor, maskable)  # fresh fast weights: B = 0
+    mem.adapt(ids, attn, states, maskable)
+    with torch.no_grad():
+        after = mem.stage_loss(ids, attn, anchor, maskable)
+    mem.remove()
+    assert (after < before).all(), (before, after)
+
+
+def test_anchor_states_are_nested_and_end_at_the_anchor():
+    maskable = torch.ones(3, 100, dtype=torch.bool)
+    maskable[2, 60:] = False
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    anchor = prompt_anchor(maskable, 0.2, gens)
+    assert not (anchor & ~maskable).any()
+    for steps in (1, 2, 4):
+        states = anchor_states(maskable, anchor, steps, 1.5, gens)
+        assert len(states) == steps
+        pre = states[0]
+        n, a = maskable.sum(1), anchor.sum(1)
+        assert torch.equal(pre.sum(1), torch.maximum(a, (n * (1.5 * a / n)).floor().long()))
+        for bigger, smaller in zip(states, states[1:]):
+            assert not (smaller & ~bigger).any() and (bigger.sum(1) >= smaller.sum(1)).all()
+        assert not (anchor & ~states[-1]).any()
+        if steps > 1:
+            assert torch.equal(states[-1], anchor)
+
+
+def test_fast_weights_sit_under_an_outer_adapter(tmp_path):
+    bb = load_backbone(make_tiny_checkpoint("llada_moe", tmp_path / "moe"))
+    ids, attn, pm = prompts(bb, [12, 8])
+    with torch.inference_mode():
+        frozen = bb.logits(ids, attn)
+    trained = add_outer_lora(load_backbone(str(tmp_path / "moe")))
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # a non-trivial outer adapter
+    trained.model.save_pretrained(tmp_path / "adapter")
+    adapted = apply_adapter(bb, str(tmp_path / "adapter"))
+    expert = adapted.layers[-1].mlp.experts[0]
+    peft_layer, original = expert.gate_proj, expert.gate_proj.base_layer
+    with torch.inference_mode():
+        outer_only = adapted.logits(ids, attn)
+        assert not torch.allclose(outer_only, frozen)
+        keys = set(adapted.model.state_dict())
+        mem = FastWeightMemory(adapted, MemDLMConfig(inner_lr=0.0))  # fast weights stay the identity
+        mem.begin(adapted, ids, attn, pm, [0, 1])
+        assert expert.gate_proj is peft_layer and isinstance(peft_layer.base_layer, FastLoRA)
+        assert torch.allclose(adapted.logits(ids, attn), outer_only, atol=1e-6)
+        assert {k for k in adapted.model.state_dict() if "lora_" in k} == {k for k in keys if "lora_" in k}
+        mem.end()
+        assert peft_layer.base_layer is original
+        assert torch.equal(adapted.logits(ids, attn), outer_only)

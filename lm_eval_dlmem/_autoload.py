@@ -1,7 +1,10 @@
-"""Run by `lm_eval_dlmem.pth` at interpreter start-up, in *every* Python process of the
-environment. It must be cheap and must never raise: it only looks at argv, and registers our
-model names (as lazy "module:Class" strings, nothing heavy is imported) when the process is the
-lm-eval CLI: `lm_eval`, `lm-eval`, `python -m lm_eval`, or `accelerate launch -m lm_eval`.
+"""Registration of our model names in lm-eval, run at interpreter start-up via `lm_eval_dlmem.pth`.
+
+The .pth line runs in *every* Python process of the environment, so it only imports this module
+when an argument mentions lm_eval / lm-eval (a substring test, microseconds). Here the exact gate
+decides: the process must be the lm-eval CLI (`lm_eval`, `lm-eval`, `python -m lm_eval`, also as
+`accelerate launch -m lm_eval` starts its workers). Then the names are registered as lazy
+"module:Class" strings, so nothing of ours is imported until lm-eval builds the model. Never raises.
 `LM_EVAL_DLMEM_AUTOLOAD=1` forces it, `=0` disables it.
 """
 
@@ -19,12 +22,34 @@ _CLI_NAMES = {"lm_eval", "lm-eval", "lm_eval.exe", "lm-eval.exe"}
 
 
 def is_lm_eval_process(argv0: str, orig_argv: list) -> bool:
-    if os.path.basename(argv0 or "") in _CLI_NAMES:
+    """True for the lm-eval CLI: the `lm_eval` / `lm-eval` console scripts, or `python [options]
+    -m lm_eval` (accelerate's workers run `python -u -m lm_eval`). A script or `-c` command that
+    merely passes `-m lm_eval` on to itself (`pytest -m lm_eval`) is not lm-eval."""
+    if (argv0 or "").replace("\\", "/").rsplit("/", 1)[-1] in _CLI_NAMES:  # also Windows paths
         return True
-    for i, arg in enumerate(orig_argv[:-1]):
-        if arg == "-m" and orig_argv[i + 1] in ("lm_eval", "lm_eval.__main__"):
-            return True
-    return False
+    return interpreter_module(orig_argv) in ("lm_eval", "lm_eval.__main__")
+
+
+def interpreter_module(orig_argv: list) -> str | None:
+    """MODULE of `python [options] -m MODULE ...`; None for a script, `-c` or the REPL.
+
+    Walks the interpreter's own options only: they end at the first non-option (the script).
+    Short options combine as CPython allows (`-um lm_eval`, `-mlm_eval`, `-Wignore`)."""
+    args = iter(orig_argv[1:])
+    for arg in args:
+        if arg in ("-", "--") or not arg.startswith("-"):
+            return None
+        if arg.startswith("--"):
+            if arg == "--check-hash-based-pycs":
+                next(args, None)
+            continue
+        for j, ch in enumerate(arg[1:], start=2):
+            if ch in "cmWX":
+                value = arg[j:] or next(args, None)
+                if ch in "cm":
+                    return value if ch == "m" else None
+                break
+    return None
 
 
 def register() -> None:

@@ -55,7 +55,7 @@ class DlmLM(TemplateLM):
         self._setup_devices()
         a = self.args
         self.backbone = load_backbone(
-            a.pretrained, family=a.family or self.family, dtype=a.dtype, device=self._device_for_load(),
+            a.pretrained, family=a.family, dtype=a.dtype, device=self._device_for_load(),
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
             device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
         )

@@ -110,7 +110,16 @@ class DlmLM(TemplateLM):
         if a.adapter:
             from .memory.fast_weights import apply_adapter
 
-            self.backbone = apply_adapter(self.backbone, a.adapter)
+            try:
+                self.backbone = apply_adapter(self.backbone, a.adapter)
+            except (RuntimeError, ValueError) as e:  # PEFT: no matching modules / size mismatch
+                cfg = self.backbone.config
+                raise ValueError(
+                    f"adapter={a.adapter!r} does not fit pretrained={a.pretrained!r} ({self.backbone.family}, "
+                    f"hidden size {cfg.hidden_size}, {cfg.num_hidden_layers} layers); it was made for another "
+                    f"backbone (see base_model_name_or_path in its adapter_config.json). "
+                    f"PEFT said: {' '.join(line.strip() for line in str(e).strip().splitlines()[:2])}"
+                ) from e
         if a.inner_steps > 0:
             from .memory.fast_weights import FastWeightMemory, MemDLMConfig
 

@@ -13,6 +13,15 @@ from lm_eval_dlmem.testing import make_tiny_checkpoint
 FAMILIES = ("llada", "dream", "llada_moe")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: threads only add overhead (and thrash on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def backbones(tiny_ckpts):
     return {fam: load_backbone(path) for fam, path in tiny_ckpts.items()}

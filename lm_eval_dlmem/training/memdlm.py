@@ -283,6 +283,7 @@ class Run:
         for k in range(args.grad_accum):
             m = self.step * args.grad_accum + k
             gen = step_generator(args.seed, m, self.rank, self.acc.device)
+            torch.manual_seed(args.seed * 1_000_003 + m * 7919 + self.rank)  # LoRA dropout: resumable too
             with self.acc.accumulate(self.model):
                 loss, stages = train_step(self.model, self.backbone, self.memory, self.micro_batch(m), args, gen)
                 self.acc.backward(loss)

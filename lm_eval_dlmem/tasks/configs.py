@@ -144,7 +144,7 @@ def _longbench_task(name: str) -> dict:
     if name.endswith("_e"):
         metrics += [_metric(key, Function(f"{PKG}.longbench.mean_present")) for key, _, _ in longbench.BUCKETS]
     until = ["\n"] if name.startswith("samsum") else []
-    return {"include": "../_longbench_common_yaml", "task": longbench_task_name(name),
+    return {"include": "_longbench_common_yaml", "task": longbench_task_name(name),
             "dataset_kwargs": {"longbench_task": name}, "metric_list": metrics,
             "generation_kwargs": {**GREEDY, "max_gen_toks": task.max_gen, "until": until}}
 

@@ -7,8 +7,8 @@ import random
 import re
 
 import pytest
-
 from conftest import TESTS_DIR
+
 from lm_eval_dlmem.tasks import babilong, configs, longbench, ruler, tasks_path
 from lm_eval_dlmem.tasks.common import TaskDataError, TokenCounter, load_sizing_tokenizer
 from lm_eval_dlmem.tasks.metrics import TASK_LABELS
@@ -220,7 +220,8 @@ def test_longbench_fixture_loading_and_prompt(monkeypatch):
 
 def test_longbench_middle_truncation(tok_path, count):
     full = longbench.load("hotpotqa", longbench_data_dir=LB_DIR)["test"][0]["prompt"]
-    cut = longbench.load("hotpotqa", longbench_data_dir=LB_DIR, max_length=332, pretrained=tok_path)["test"][0]["prompt"]
+    meta = dict(longbench_data_dir=LB_DIR, max_length=332, pretrained=tok_path)
+    cut = longbench.load("hotpotqa", **meta)["test"][0]["prompt"]
     limit = 332 - longbench.TASKS["hotpotqa"].max_gen
     assert count(full) > limit >= count(cut) - 2  # decode/encode may merge a token at the cut
     head, tail = full[:60], full[-80:]

@@ -9,10 +9,10 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import TESTS_DIR
-from lm_eval_dlmem.tasks import tasks_path
 from test_tasks_generators import babi_answer
+
+from lm_eval_dlmem.tasks import tasks_path
 
 LB_DIR = os.path.join(TESTS_DIR, "fixtures", "longbench")
 QA_DIR = os.path.join(TESTS_DIR, "fixtures", "ruler_qa")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import zlib
 from datetime import timedelta
 
@@ -199,7 +200,11 @@ class DlmLM(TemplateLM):
         super().set_cache_hook(cache_hook)
 
     def fingerprint(self) -> str:
-        blob = json.dumps(self.args.fingerprint_fields(), sort_keys=True, default=str)
+        """Hash of the model args and of the files of local checkpoint directories, so a
+        checkpoint retrained in place (same path, new weights) is a new configuration."""
+        fields = self.args.fingerprint_fields()
+        files = {k: _dir_signature(fields.get(k)) for k in ("pretrained", "tokenizer", "metastate", "adapter")}
+        blob = json.dumps([fields, files], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def get_model_info(self) -> dict:
@@ -392,6 +397,14 @@ class DlmLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
             results.append(float(score))
         return results
+
+
+def _dir_signature(spec) -> list | None:
+    """(name, size, mtime) of the files in a local checkpoint directory; None for hub ids."""
+    path = os.path.expanduser(spec) if isinstance(spec, str) else None
+    if not path or not os.path.isdir(path):
+        return None
+    return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
 
 
 def namespace_cache(db, fingerprint: str) -> None:

@@ -1,0 +1,164 @@
+"""`lm-eval-dlmem sweep`: spec parsing, runs through lm-eval on tiny checkpoints, skip/resume,
+a crashing run that does not stop the sweep, and the final comparison (table and plot)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from _harness_runs import quick_lm_eval  # noqa: F401  (fixture: one torch thread, no env report)
+
+from lm_eval_dlmem.leaderboard import sweep as sweep_mod
+from lm_eval_dlmem.leaderboard.spec import RunSpec, expand_env, load_sweep
+
+TESTS_DIR = Path(__file__).parent
+EXAMPLES = TESTS_DIR.parent / "examples" / "sweeps"
+
+LENGTH_TASK = """task: tl_ruler_gen_{n}k
+dataset_path: ""
+custom_dataset: !function utils.load
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}\\nQuestion: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: {n}
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+@pytest.fixture(scope="module")
+def length_tasks(tmp_path_factory):
+    """Two generate_until tasks whose names carry a context length, as RULER's do."""
+    d = tmp_path_factory.mktemp("length_tasks")
+    shutil.copy(TESTS_DIR / "tasks" / "utils.py", d / "utils.py")
+    for n in (1, 2):
+        (d / f"tl_ruler_gen_{n}k.yaml").write_text(LENGTH_TASK.format(n=n))
+    return str(d)
+
+
+def write_yaml(path, data):
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# ---- spec parsing ---------------------------------------------------------------------------
+def test_defaults_merge_and_model_args_strings(tmp_path):
+    f = write_yaml(tmp_path / "s.yaml", {
+        "defaults": {"model": "metastate-llada", "model_args": {"pretrained": "p", "steps": 8}, "tasks": "a,b"},
+        "runs": [{"name": "x"}, {"name": "y", "model_args": {"metastate": "ckpt"}},
+                 {"name": "z", "model_args": "pretrained=q,steps=4", "tasks": ["c"]}],
+    })
+    sweep = load_sweep(f)
+    x, y, z = sweep.runs
+    assert x.tasks == ["a", "b"] and x.model_args == {"pretrained": "p", "steps": 8}
+    assert y.model_args == {"pretrained": "p", "steps": 8, "metastate": "ckpt"}
+    assert z.model_args == {"pretrained": "q", "steps": 4} and z.tasks == ["c"]
+    assert sweep.output_dir == os.path.join("runs", "s")
+    assert x.fingerprint() != y.fingerprint()
+    assert x.fingerprint() == RunSpec(**{**x.to_dict(), "name": "renamed"}).fingerprint()
+    cmd = y.lm_eval_command("out/y")
+    assert "--model_args pretrained=p,steps=8,metastate=ckpt" in cmd and "--use_cache out/y/cache/lm" in cmd
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"runs": [{"name": "a", "model": "m", "taks": ["t"]}]}, "unknown key 'taks'. Did you mean tasks"),
+    ({"runs": [{"name": "a", "model": "m"}]}, "tasks is empty"),
+    ({"runs": [{"name": "a/b", "model": "m", "tasks": "t"}]}, "must be a directory name"),
+    ({"runs": [{"name": "a", "tasks": "t"}]}, "model is required"),
+    ({"runs": [{"name": "a", "model": "m", "tasks": "t"}] * 2}, "repeated: \\['a'\\]"),
+    ({"runs": [{"name": "a", "model": "m", "tasks": "t", "seed": [1, 2]}]}, "seed must be"),
+    ({"run": []}, "expected a mapping with a 'runs' list"),
+    ({"runs": [{"name": "a", "model": "m", "tasks": "t", "model_args": {"x": "${NOT_SET_ANYWHERE_42}"}}]},
+     "NOT_SET_ANYWHERE_42 is not set"),
+])
+def test_invalid_sweeps_are_rejected_with_the_reason(tmp_path, data, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_yaml(tmp_path / "bad.yaml", data))
+
+
+def test_env_expansion(monkeypatch):
+    monkeypatch.setenv("CKPT_DIR", "/ckpt")
+    assert expand_env({"a": ["${CKPT_DIR}/ms", "${UNSET_X_1:-dflt}", 3]}) == {"a": ["/ckpt/ms", "dflt", 3]}
+
+
+def test_shipped_sweeps_load(monkeypatch, tmp_path):
+    monkeypatch.setenv("METASTATE_CKPT", "/ckpt/ms-llada")
+    monkeypatch.setenv("TINY_CKPT", "/ckpt/tiny")
+    table1 = load_sweep(str(EXAMPLES / "memdlm_table1.yaml"))
+    assert [r.name for r in table1.runs] == ["standard", "train_only", "train_inf"]
+    assert table1.runs[0].model_args["pretrained"] == "inclusionAI/LLaDA-MoE-7B-A1B-Base"
+    assert table1.runs[2].model_args["adapter"] == "JarvisPei/LLaDA-MoE-7B-A1B-Base-MemDLM"
+    assert table1.runs[2].model_args["inner_steps"] == 2 and "inner_steps" not in table1.runs[1].model_args
+    ms = load_sweep(str(EXAMPLES / "metastate_frozen_vs_augmented.yaml"))
+    frozen, aug = ms.runs
+    assert {k for k in aug.model_args if aug.model_args[k] != frozen.model_args.get(k)} == {"metastate"}
+    assert aug.model_args["metastate"] == "/ckpt/ms-llada"
+    tiny = load_sweep(str(EXAMPLES / "tiny_demo.yaml"), output_dir=str(tmp_path))
+    assert tiny.runs[0].model_args["pretrained"] == "/ckpt/tiny" and tiny.output_dir == str(tmp_path)
+
+
+# ---- end to end -----------------------------------------------------------------------------
+def test_sweep_runs_skips_survives_a_crash_and_compares(tiny_ckpts, length_tasks, tmp_path, monkeypatch, capsys,
+                                                        quick_lm_eval):
+    import lm_eval
+
+    calls = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: calls.append(kw["model_args"]) or real(**kw))
+    out = tmp_path / "out"
+    data = {
+        "output_dir": str(out),
+        "defaults": {"model": "metastate-llada", "model_args": {"pretrained": tiny_ckpts["llada"]},
+                     "tasks": ["tl_ruler_gen_1k", "tl_ruler_gen_2k"], "include_path": [length_tasks],
+                     "include_defaults": False, "device": "cpu", "batch_size": 4, "limit": 3},
+        "runs": [{"name": "frozen"},
+                 {"name": "broken", "model_args": {"pretrained": str(tmp_path / "no-such-ckpt")}},
+                 {"name": "steps2", "model_args": {"steps": 2}}],
+    }
+    f = write_yaml(tmp_path / "sweep.yaml", data)
+    assert sweep_mod.main([f]) == 1
+    captured = capsys.readouterr()
+    assert "1 run(s) failed" in captured.err and "broken" in captured.err
+    assert "Traceback" in (out / "broken" / "error.txt").read_text()
+    for name in ("frozen", "steps2"):
+        done = json.loads((out / name / "COMPLETE.json").read_text())
+        assert Path(done["results_file"]).is_file()
+        assert (out / name / "command.txt").read_text().startswith("lm_eval --model metastate-llada")
+    assert not (out / "broken" / "COMPLETE.json").exists()
+    # the comparison covers the finished runs, baseline first, with the length plot
+    table = (out / "compare.md").read_text()
+    assert table.splitlines()[0] == "| Task | Metric | Filter |  | frozen | steps2 | Δ steps2 |"
+    assert "| tl_ruler_gen_1k | exact_match | none |" in table and "steps=2" in table
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(calls) == 3
+
+    # rerun: complete runs are skipped, the failed one is tried again (and fails again)
+    assert sweep_mod.main([f]) == 1
+    assert len(calls) == 4 and "complete, skipped" in capsys.readouterr().out
+    # a changed spec reruns that run; its previous attempt is kept aside
+    data["runs"][2]["model_args"]["steps"] = 1
+    data["runs"].pop(1)
+    assert sweep_mod.main([write_yaml(tmp_path / "sweep.yaml", data)]) == 0
+    assert len(calls) == 5 and calls[-1]["steps"] == 1
+    assert len(list((out / ".superseded").glob("steps2-*/COMPLETE.json"))) == 1
+
+
+def test_tiny_demo_sweep(tiny_ckpts, tmp_path, monkeypatch, quick_lm_eval):
+    monkeypatch.setenv("TINY_CKPT", tiny_ckpts["llada"])
+    monkeypatch.setenv("SWEEP_OUTPUT_DIR", str(tmp_path / "demo"))
+    assert sweep_mod.main([str(EXAMPLES / "tiny_demo.yaml")]) == 0
+    table = (tmp_path / "demo" / "compare.md").read_text()
+    header, _, *rows = table.split("\n\n")[0].splitlines()
+    assert header == "| Task | Metric | Filter |  | default | threshold | Δ threshold |"
+    assert {r.split("|")[1].strip() for r in rows} >= {"dlmem_demo_gen", "dlmem_demo_mc"}

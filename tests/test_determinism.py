@@ -1,0 +1,56 @@
+"""Same seed, same outputs: across runs (fresh model objects, disturbed global RNG), across batch
+sizes (1 vs 4: other padding, other batch-mates), across request order, greedy and sampled.
+The harness derives each request's seed from its content and `seed=`, so only `seed=` changes
+sampled outputs."""
+
+import random
+
+import pytest
+import torch
+from _harness_runs import quick_lm_eval  # noqa: F401  (fixture: one torch thread)
+from lm_eval.api.instance import Instance
+
+PROMPTS = [
+    "Mary went to the kitchen.\nQuestion: Where is Mary?\nAnswer:",
+    "The key is 4821.",
+    "Daniel moved to the hallway. Then he went back to the office and picked up the red ball.\nWhere?",
+    "Größe, café, 東京, 🙂: non-ASCII text",
+    "a",
+    "Bill has the milk. Fred has the apple. Who has the milk?",
+]
+GREEDY = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+SAMPLED = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature": 1.0}
+
+
+def generate(lm, prompts, gen_kwargs, batch_size: int) -> dict[str, str]:
+    lm._batch_size = str(batch_size)
+    torch.manual_seed(random.randrange(1 << 30))  # the global RNG must not matter
+    reqs = [Instance("generate_until", doc={}, arguments=(p, dict(gen_kwargs)), idx=i) for i, p in enumerate(prompts)]
+    return dict(zip(prompts, lm.generate_until(reqs, disable_tqdm=True)))
+
+
+def make_lm(ckpt, family, **args):
+    from lm_eval_dlmem.harness import MetaStateDream, MetaStateLLaDA
+
+    cls = MetaStateDream if family == "dream" else MetaStateLLaDA
+    return cls(pretrained=ckpt, device="cpu", **args)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_generation_is_deterministic_across_runs_batch_sizes_and_order(tiny_ckpts, quick_lm_eval, family):
+    lm = make_lm(tiny_ckpts[family], family)
+    for gen_kwargs in (GREEDY, SAMPLED):
+        one = generate(lm, PROMPTS, gen_kwargs, batch_size=1)
+        assert generate(lm, PROMPTS, gen_kwargs, batch_size=4) == one
+        assert generate(lm, PROMPTS[::-1], gen_kwargs, batch_size=4) == one
+        assert generate(make_lm(tiny_ckpts[family], family), PROMPTS, gen_kwargs, batch_size=3) == one
+    # the seed does reach the sampler: another seed, other samples (greedy stays the same)
+    other = make_lm(tiny_ckpts[family], family, seed=7)
+    assert generate(other, PROMPTS, SAMPLED, batch_size=4) != generate(lm, PROMPTS, SAMPLED, batch_size=4)
+    assert generate(other, PROMPTS, GREEDY, batch_size=4) == generate(lm, PROMPTS, GREEDY, batch_size=4)
+
+
+def test_threshold_decoding_and_cache_modes_are_batch_invariant(tiny_ckpts, quick_lm_eval):
+    lm = make_lm(tiny_ckpts["llada"], "llada", strategy="threshold", threshold=0.3, cache="dual", block_length=4)
+    for gen_kwargs in (GREEDY, SAMPLED):
+        assert generate(lm, PROMPTS, gen_kwargs, batch_size=1) == generate(lm, PROMPTS, gen_kwargs, batch_size=4)

@@ -290,7 +290,9 @@ class DlmLM(TemplateLM):
                 f"length) leaves no room for the prompt within max_length={self.max_length}; raise max_length= "
                 "or lower the task's max_gen_toks."
             )
-        prompts = [self._fit_prompt(encoded[idx], budget) for idx, _ in chunk]
+        # an empty prompt becomes [prefix token] (as lm-eval does for an empty loglikelihood context):
+        # the decoder needs one real token per row to left-pad against
+        prompts = [self._fit_prompt(encoded[idx], budget) or [self.prefix_token_id] for idx, _ in chunk]
         input_ids, attention_mask = self._left_pad(prompts)
         seeds = [self.request_seed(ctx, gk) for _, (ctx, gk) in chunk]
         stops = [s for s in until if s]

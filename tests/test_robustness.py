@@ -1,0 +1,161 @@
+"""What users get wrong, and edge inputs: each case gives a clear message or a correct result,
+and no case loses finished results. In-process through the LM or `simple_evaluate`; one real
+`lm_eval` subprocess checks what the command line shows."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from _harness_runs import TEST_TASKS, quick_lm_eval, responses  # noqa: F401  (fixture)
+from lm_eval.api.instance import Instance
+
+GEN = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+
+
+def make_lm(ckpt, cls_name="MetaStateLLaDA", **args):
+    from lm_eval_dlmem import harness
+
+    return getattr(harness, cls_name)(**({"pretrained": ckpt} if ckpt else {}), device="cpu", **args)
+
+
+def gen_requests(prompts, gen_kwargs=GEN):
+    return [Instance("generate_until", doc={}, arguments=(p, dict(gen_kwargs)), idx=i) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture
+def spy_generate(monkeypatch):
+    """Record the prompt batches reaching the decoding engine; optionally fail on call N."""
+    import lm_eval_dlmem.decoding.generate as gen
+
+    calls, real = {"shapes": [], "fail_on": None}, gen.generate
+
+    def spy(backbone, input_ids, *args, **kwargs):
+        calls["shapes"].append(tuple(input_ids.shape))
+        if calls["fail_on"] == len(calls["shapes"]):
+            raise RuntimeError("simulated crash (e.g. the job was killed)")
+        return real(backbone, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", spy)
+    return calls
+
+
+# ---- loading ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, error, message", [
+    ({}, ValueError, "pretrained= is required"),
+    ({"pretrained": "/no/such/checkpoint"}, FileNotFoundError, "is not an existing directory"),
+    ({"pretrained": TEST_TASKS}, FileNotFoundError, "without config.json"),
+    ({"pretrained": "no-such-org/no-such-model"}, FileNotFoundError, "Could not find 'no-such-org/no-such-model'"),
+])
+def test_wrong_or_missing_pretrained(args, error, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(error, match=message):
+        make_lm(None, **args)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"stepz": 8}, "Unknown model arg 'stepz'. Did you mean steps\\?"),
+    ({"steps": "many"}, "steps='many' is malformed: expected int"),
+    ({"stop_early": "maybe"}, "stop_early='maybe' is malformed: expected bool"),
+    ({"truncation_side": "top"}, "truncation_side='top'; choose middle, left or right"),
+    ({"trust_remote_code": True}, "remote code is never run"),
+    ({"metastate": "x", "inner_steps": 2}, "cannot be combined"),
+    ({"batch_size": "0"}, "batch_size=0 must be a positive integer or 'auto'"),
+])
+def test_unknown_and_malformed_model_args(tiny_ckpts, args, message):
+    with pytest.raises(ValueError, match=message):
+        lm = make_lm(tiny_ckpts["llada"], **args)
+        lm.generate_until(gen_requests(["x"]), disable_tqdm=True)  # batch size is checked when used
+
+
+def test_memory_checkpoints_for_another_backbone(tiny_ckpts, tmp_path):
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.memory.adapters import add_outer_lora
+    from lm_eval_dlmem.memory.metastate import MetaState
+
+    MetaState.init_for(load_backbone(tiny_ckpts["dream"]), slots=2, width=16, heads=2, time_dim=8).save_pretrained(
+        tmp_path / "ms_dream")
+    with pytest.raises(ValueError, match="made for a dream backbone .* but the backbone is llada"):
+        make_lm(tiny_ckpts["llada"], metastate=str(tmp_path / "ms_dream"))
+    with pytest.raises(FileNotFoundError, match="has no metastate_config.json"):
+        make_lm(tiny_ckpts["llada"], metastate=tiny_ckpts["llada"])
+    add_outer_lora(load_backbone(tiny_ckpts["llada_moe"]), r=2, alpha=4).model.save_pretrained(tmp_path / "ad_moe")
+    with pytest.raises(ValueError, match="adapter=.* does not fit pretrained=.*made for another backbone"):
+        make_lm(tiny_ckpts["llada"], "MemDLMLLaDAMoE", adapter=str(tmp_path / "ad_moe"))
+
+
+# ---- inputs -----------------------------------------------------------------------------------
+def test_batch_size_auto_runs_and_matches_a_fixed_batch_size(tiny_ckpts, quick_lm_eval):
+    auto = quick_lm_eval(ckpt=tiny_ckpts["llada"], batch_size="auto", log_samples=True)
+    fixed = quick_lm_eval(ckpt=tiny_ckpts["llada"], batch_size=2, log_samples=True)
+    assert responses(auto, "t_gen") == responses(fixed, "t_gen")
+    assert auto["results"]["t_gen"]["exact_match,none"] == fixed["results"]["t_gen"]["exact_match,none"]
+
+
+def test_edge_prompts_and_generation_budgets(tiny_ckpts, spy_generate, caplog, quick_lm_eval):
+    lm = make_lm(tiny_ckpts["llada"], max_length=48, batch_size=4)
+    long_prompt = " ".join(f"word{i}" for i in range(200))
+    prompts = ["", "東京の天気は? Größe 🙂 — ünïcödé", long_prompt, "plain"]
+    with caplog.at_level(logging.WARNING):
+        out = lm.generate_until(gen_requests(prompts), disable_tqdm=True)
+    assert len(out) == 4 and all(isinstance(s, str) and "\n" not in s for s in out)
+    budget = 48 - 32  # max_length - gen_length (max_gen_toks 8 rounded up to the preset's block of 32)
+    assert all(width <= budget for _, width in spy_generate["shapes"])  # long prompts were cut
+    too_long = sum(len(lm.tok_encode(p)) > budget for p in prompts)
+    assert too_long >= 1
+    assert f"{too_long} prompt(s) were longer than max_length - gen_length and were middle-truncated" in caplog.text
+
+    calls = len(spy_generate["shapes"])
+    assert lm.generate_until(gen_requests(prompts, {**GEN, "max_gen_toks": 0}), disable_tqdm=True) == [""] * 4
+    assert len(spy_generate["shapes"]) == calls  # nothing decoded for a zero budget
+    with pytest.raises(ValueError, match="leaves no room for the prompt within max_length=48"):
+        lm.generate_until(gen_requests(["x"], {**GEN, "max_gen_toks": 100}), disable_tqdm=True)
+
+
+CHAT_TASK = """task: t_gen_prefix
+include: {tests}/t_gen.yaml
+gen_prefix: "The answer is"
+"""
+
+
+def test_chat_template_with_and_without_gen_prefix(tiny_ckpts, quick_lm_eval, tmp_path):
+    (tmp_path / "t_gen_prefix.yaml").write_text(CHAT_TASK.format(tests=TEST_TASKS))
+    res = quick_lm_eval(ckpt=tiny_ckpts["llada"], tasks=("t_gen", "t_gen_prefix"), apply_chat_template=True,
+                        include_paths=(TEST_TASKS, str(tmp_path)), log_samples=True, limit=2)
+    lm_eval_prompt = res["samples"]["t_gen"][0]["arguments"][0][0]
+    prefixed = res["samples"]["t_gen_prefix"][0]["arguments"][0][0]
+    assert "<|start_header_id|>user<|end_header_id|>" in lm_eval_prompt
+    assert lm_eval_prompt.rstrip().endswith("<|start_header_id|>assistant<|end_header_id|>")
+    # with gen_prefix the assistant turn is continued, not closed
+    assert prefixed.endswith("The answer is") and "<|start_header_id|>assistant<|end_header_id|>" in prefixed
+    assert all(isinstance(r[0][0], str) for r in responses(res, "t_gen_prefix"))
+
+
+# ---- interrupted runs -------------------------------------------------------------------------
+def test_interrupted_run_resumes_from_use_cache(tiny_ckpts, quick_lm_eval, spy_generate, tmp_path):
+    cache = str(tmp_path / "cache" / "lm")
+    reference = responses(quick_lm_eval(ckpt=tiny_ckpts["llada"], batch_size=2, log_samples=True), "t_gen")
+    spy_generate["shapes"].clear()
+    spy_generate["fail_on"] = 3  # 6 documents in batches of 2: the third batch dies
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quick_lm_eval(ckpt=tiny_ckpts["llada"], batch_size=2, use_cache=cache)
+    spy_generate["fail_on"] = None
+    resumed = quick_lm_eval(ckpt=tiny_ckpts["llada"], batch_size=2, use_cache=cache, log_samples=True)
+    assert [s[0] for s in spy_generate["shapes"][3:]] == [2]  # only the unfinished batch ran again
+    assert responses(resumed, "t_gen") == reference
+
+
+# ---- the command line -------------------------------------------------------------------------
+def test_cli_shows_the_reason_not_a_deep_traceback(tiny_ckpts, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "metastate-llada", "--model_args",
+           f"pretrained={tiny_ckpts['llada']},stepz=8", "--tasks", "t_gen", "--include_path", TEST_TASKS,
+           "--device", "cpu", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ValueError: Unknown model arg 'stepz'. Did you mean steps?"), proc.stderr[-2000:]
+    assert "torch/" not in proc.stderr.split("Traceback")[-1]
+    assert not (tmp_path / "out").exists()

@@ -49,7 +49,8 @@ TOKENS_TO_GENERATE = {**{t: niah.TOKENS_TO_GENERATE for t in niah.NIAH_TASKS},
 METRIC = {t: ("string_match_part" if t.startswith("qa_") else "string_match_all") for t in TASKS}
 DEFAULT_NUM_SAMPLES = 500
 VT_EXAMPLE_LENGTH = 500  # upstream builds the vt example at max_seq_length=500
-FIT_TOLERANCE, REFIT_STEPS = 0.01, 4  # a sample is resized when more than 1% short of its budget
+# A sample is resized when it is more than 1% (or one haystack unit, if larger) short of its budget.
+FIT_TOLERANCE, REFIT_STEPS = 0.01, 4
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,13 @@ def _search_units(measure: Callable[[int], int], budget: int, lo: int, cap: int)
     return largest_fitting(measure, budget, hi, min(2 * hi, cap))
 
 
-def _refit(gen: Generator, i: int, rng_for, count: TokenCounter, budget: int, units: int, size: int):
+def _refit(gen: Generator, i: int, rng_for, count: TokenCounter, budget: int, slack: float, units: int, size: int):
     """Resize sample i, whose tokens per unit differ from the probe's (e.g. fwe's random words):
-    a few secant steps towards the budget, then shrink until it fits."""
+    a few secant steps towards [budget - slack, budget], then shrink until it fits."""
     n, lo = units, gen.min_units(i)
     draft = gen.make(rng_for(i), n, i)
     for _ in range(REFIT_STEPS):
-        if budget * (1 - FIT_TOLERANCE) <= size <= budget:
+        if budget - slack <= size <= budget:
             return draft, size
         moved = n + int((budget - size) / max(size / n, 1e-6))
         moved = moved if moved != n else n + (1 if size < budget else -1)
@@ -163,12 +164,15 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
         log.warning("RULER %s: even the smallest haystack needs %d prompt tokens + %d to generate, more than the "
                     "%d-token target; its samples are longer than the target.", task, count(text(0, units)),
                     TOKENS_TO_GENERATE[task], length)
+    lo = gen.min_units(0)
+    unit_tokens = (count(text(0, units)) - count(text(0, lo))) / (units - lo) if units > lo else 0.0
+    slack = max(FIT_TOLERANCE * budget, unit_tokens)
     drafts = [gen.make(rng_for(i), units, i) for i in range(opts.num_samples)]
     sizes = count.many([d[0] + d[1] for d in drafts])
     rows = []
     for i, (draft, size) in enumerate(zip(drafts, sizes)):
-        if not oversized and not budget * (1 - FIT_TOLERANCE) <= size <= budget:
-            draft, size = _refit(gen, i, rng_for, count, budget, units, size)
+        if not oversized and not budget - slack <= size <= budget:
+            draft, size = _refit(gen, i, rng_for, count, budget, slack, units, size)
         if not oversized and size > budget:
             log.warning("RULER %s: sample %d does not fit %d tokens and is skipped.", task, i, length)
             continue

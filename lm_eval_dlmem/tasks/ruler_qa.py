@@ -124,6 +124,7 @@ def make_qa(data: QAData, rng: random.Random, units: int, index: int, *, seed: i
     """Question `index` with `units` documents in total (gold ones always included)."""
     qa = data.qas[index % len(data.qas)]
     gold, more = list(qa["context"]), list(qa["more_context"])
+    units = max(units, len(gold))  # a question always keeps all its gold documents
     if units < len(data.docs):
         if units - len(gold) > len(more):
             taken = set(gold) | set(more)

@@ -189,7 +189,8 @@ def load_backbone(
     """Load a LLaDA / Dream / LLaDA-MoE checkpoint (local dir or hub id) without remote code.
 
     Args:
-        pretrained: checkpoint directory or hub id (e.g. GSAI-ML/LLaDA-8B-Instruct).
+        pretrained: checkpoint directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or the name of
+            a checkpoint shipped in the package (`tiny-llada`, see `lm_eval_dlmem.embedded`).
         family: `llada`, `dream` or `llada_moe`; inferred from config.json when None.
         dtype: `auto` (the checkpoint's), `bfloat16`, `float16`, `float32` or a torch.dtype.
         device: where to put the model (`cpu`, `cuda`, `cuda:1`); ignored with device_map.
@@ -202,7 +203,9 @@ def load_backbone(
     Returns:
         Backbone with `.model`, `.tokenizer`, `.spec` (ids resolved against the tokenizer).
     """
-    pretrained = os.path.expanduser(str(pretrained))
+    from ..embedded import resolve_embedded
+
+    pretrained = resolve_embedded(pretrained) or os.path.expanduser(str(pretrained))
     config = read_config(pretrained, revision)
     family = family or detect_family(config)
     cls = model_class(family)

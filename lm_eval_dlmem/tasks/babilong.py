@@ -47,6 +47,7 @@ HUB_DATASETS = ("RMT-team/babilong", "RMT-team/babilong-1k-samples")
 MAX_NEW_TOKENS = 20
 DEFAULT_NUM_SAMPLES = 100
 FILLER_POOL = 20000  # filler starts at a random one of this many prose sentences
+_WARNED: set[tuple[str, int]] = set()
 TEMPLATE = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 
 
@@ -233,6 +234,10 @@ def generate_sample(task: str, length: int, index: int, seed: int, count: TokenC
     if length == 0:
         return _row(task, " ".join(story.facts), story.question, story.answer, count, "generated")
     room = length - count(render(task, "", story.question)) - sum(count.many([" " + f for f in story.facts]))
+    if room < 0 and (task, length) not in _WARNED:
+        _WARNED.add((task, length))
+        log.warning("BABILong %s: instructions, examples and facts alone exceed %d tokens for some samples; "
+                    "those samples have no filler and are longer than the target.", task, length)
     filler = _filler(room, rng.randrange(FILLER_POOL), count)
     positions_rng = lambda: sample_rng(seed, "babilong-positions", task, length, index)  # noqa: E731
     context = _interleave(story.facts, filler, positions_rng())

@@ -241,3 +241,46 @@ def test_longbench_errors(tmp_path):
         longbench.load("lsht_e", longbench_data_dir=LB_DIR)  # lsht is not in LongBench-E
     with pytest.raises(TaskDataError, match="pretrained="):
         longbench.load("hotpotqa", longbench_data_dir=LB_DIR, max_length=1000)  # truncation needs a tokenizer
+
+
+# ------------------------------------------------------------------ hub code paths, with fakes
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """The hub switched on, `datasets.load_dataset` answering from `tables` instead of the network."""
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    tables = {}
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None: tables[(path, name, split)])
+    yield tables
+    from lm_eval_dlmem.tasks import ruler_qa
+
+    for cached in (babilong._from_hub, longbench._raw_rows, ruler_qa.load_qa):
+        cached.cache_clear()
+
+
+def test_hub_rows_are_read_like_local_files(fake_hub, tok_path):
+    import json
+
+    from lm_eval_dlmem.tasks import ruler_qa
+
+    squad = json.load(open(os.path.join(FIXTURES, "ruler_qa", "squad.json")))
+    fake_hub[(ruler_qa.SQUAD_REPO, None, "validation")] = [
+        {"title": a["title"], "context": p["context"], "question": q["question"],
+         "answers": {"text": [x["text"] for x in q["answers"]]}}
+        for a in squad["data"] for p in a["paragraphs"] for q in p["qas"]]
+    assert ruler_qa.read_squad(ruler_qa._squad_hub()) == ruler_qa.read_squad(squad)
+
+    story = {"input": " Mary got the milk there. ", "question": "Where is the milk?", "target": "kitchen"}
+    fake_hub[("RMT-team/babilong", "4k", "qa2")] = [story]
+    row = babilong.load("qa2", "4k", pretrained=tok_path)["test"][0]
+    assert row["source"] == "hub:RMT-team/babilong"
+    assert "<context>\nMary got the milk there.\n</context>" in row["prompt"]
+
+    fake_hub[(longbench.HUB_REPO, "qmsum", "test")] = [{"question": "What was decided?", "context": "Minutes.",
+                                                        "answers": ["A budget."], "length": 9, "all_classes": None}]
+    row = longbench.load("qmsum")["test"][0]
+    assert row["input"] == "What was decided?" and row["prompt"].endswith("Query: What was decided?\nAnswer:")

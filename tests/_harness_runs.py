@@ -1,14 +1,12 @@
 """Shared pieces for tests that run lm-eval in-process on tiny checkpoints.
 
-`quick_lm_eval` (a fixture) makes such runs cheap: one torch thread (on a busy 2-core machine
+`lm_eval_runner(monkeypatch)` (for a fixture: `yield from lm_eval_runner(monkeypatch)`) makes such runs cheap: one torch thread (on a busy 2-core machine
 two threads make a tiny model's matmuls ~100x slower), no environment report (lm-eval's
 `add_env_info` spends seconds collecting it per run), and task indexes that skip lm-eval's own
 thousands of tasks. It yields `evaluate(**kwargs)`, `simple_evaluate` with test defaults.
 """
 
 from pathlib import Path
-
-import pytest
 
 TESTS_DIR = Path(__file__).parent
 TEST_TASKS = str(TESTS_DIR / "tasks")
@@ -25,8 +23,7 @@ def task_manager(*include_paths: str):
     return _MANAGERS[key]
 
 
-@pytest.fixture
-def quick_lm_eval(monkeypatch):
+def lm_eval_runner(monkeypatch):
     import lm_eval
     import lm_eval.evaluator
     import torch

@@ -5,7 +5,13 @@ answer everything from its cache. Counted with a spy on the decode function (no 
 
 import pytest
 import torch
-from _harness_runs import quick_lm_eval, responses  # noqa: F401  (fixture)
+from _harness_runs import lm_eval_runner, responses
+
+
+@pytest.fixture
+def quick_lm_eval(monkeypatch):
+    """In-process lm-eval runs on tiny checkpoints (see _harness_runs)."""
+    yield from lm_eval_runner(monkeypatch)
 
 
 @pytest.fixture

@@ -7,8 +7,15 @@ import random
 
 import pytest
 import torch
-from _harness_runs import quick_lm_eval  # noqa: F401  (fixture: one torch thread)
+from _harness_runs import lm_eval_runner
 from lm_eval.api.instance import Instance
+
+
+@pytest.fixture
+def quick_lm_eval(monkeypatch):
+    """In-process lm-eval runs on tiny checkpoints (see _harness_runs)."""
+    yield from lm_eval_runner(monkeypatch)
+
 
 PROMPTS = [
     "Mary went to the kitchen.\nQuestion: Where is Mary?\nAnswer:",

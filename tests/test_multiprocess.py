@@ -9,11 +9,17 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
-from _harness_runs import TEST_TASKS, quick_lm_eval  # noqa: F401  (fixture)
+from _harness_runs import TEST_TASKS, lm_eval_runner
+
+
+@pytest.fixture
+def quick_lm_eval(monkeypatch):
+    """In-process lm-eval runs on tiny checkpoints (see _harness_runs)."""
+    yield from lm_eval_runner(monkeypatch)
+
 
 TASKS = ("t_gen", "t_mc")
 
@@ -35,8 +41,8 @@ def per_doc(samples: list[dict]) -> dict:
 
 def assert_same_answers(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for doc in a:
-        (ra, ma), (rb, mb) = a[doc], b[doc]
+    for doc, (ra, ma) in a.items():
+        rb, mb = b[doc]
         assert ma == mb, doc
         for x, y in zip(ra, rb):
             if x and isinstance(x[0], tuple):  # loglikelihood: (logprob, is_greedy)
@@ -56,10 +62,11 @@ def test_two_processes_match_one(tiny_ckpts, quick_lm_eval, tmp_path):
            "--model", "metastate-llada", "--model_args", f"pretrained={ckpt},mc_num=8,mc_batch_size=8",
            "--include_path", TEST_TASKS, "--tasks", ",".join(TASKS), "--device", "cpu", "--batch_size", "2",
            "--log_samples", "--output_path", str(tmp_path / "dp2")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results_file,) = glob.glob(str(tmp_path / "dp2" / "*" / "results_*.json"))
-    two = json.load(open(results_file))
+    with open(results_file) as f:
+        two = json.load(f)
 
     one = quick_lm_eval(ckpt=ckpt, tasks=TASKS, model_args={"mc_num": 8, "mc_batch_size": 8}, batch_size=2,
                         log_samples=True)
@@ -69,7 +76,8 @@ def test_two_processes_match_one(tiny_ckpts, quick_lm_eval, tmp_path):
             if key.split(",")[0] in ("exact_match", "acc", "exact_match_stderr", "acc_stderr"):
                 assert two["results"][task][key] == pytest.approx(value), (task, key)
         (sample_file,) = glob.glob(str(tmp_path / "dp2" / "*" / f"samples_{task}_*.jsonl"))
-        logged = [json.loads(line) for line in open(sample_file)]
+        with open(sample_file) as f:
+            logged = [json.loads(line) for line in f]
         assert_same_answers(per_doc(logged), per_doc(one["samples"][task]))
 
 

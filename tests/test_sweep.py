@@ -7,10 +7,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from _harness_runs import quick_lm_eval  # noqa: F401  (fixture: one torch thread, no env report)
+from _harness_runs import lm_eval_runner
 
 from lm_eval_dlmem.leaderboard import sweep as sweep_mod
 from lm_eval_dlmem.leaderboard.spec import RunSpec, expand_env, load_sweep
+
+
+@pytest.fixture
+def quick_lm_eval(monkeypatch):
+    """In-process lm-eval runs on tiny checkpoints (see _harness_runs)."""
+    yield from lm_eval_runner(monkeypatch)
+
 
 TESTS_DIR = Path(__file__).parent
 EXAMPLES = TESTS_DIR.parent / "examples" / "sweeps"

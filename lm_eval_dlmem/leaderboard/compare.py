@@ -56,7 +56,7 @@ def load_comparison(paths: list[str], labels: list[str] | None = None) -> list[R
 def _stem(path: str) -> str:
     parts = [p for p in re.split(r"[\\/]+", str(path)) if p not in ("", ".")]
     name = parts[-1] if parts else str(path)
-    return name[:-5] if name.endswith(".json") else name
+    return name.removesuffix(".json")
 
 
 def differing_args(runs: list[Run], skip=("pretrained",)) -> list[str]:

@@ -11,6 +11,7 @@ run at different times) merge, the newest file winning for a task they share.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -171,7 +172,7 @@ def parse_metrics(entry: dict) -> dict[str, Score]:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
 
 
 # ---- context lengths from task names --------------------------------------------------------

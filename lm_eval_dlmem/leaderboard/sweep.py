@@ -154,7 +154,7 @@ def execute(sweep: Sweep, spec: RunSpec, managers: TaskManagers) -> str | None:
     start = time.time()
     try:
         results_file = evaluate(spec, path, managers)
-    except Exception as e:  # one run's failure must not end the sweep; KeyboardInterrupt does
+    except Exception as e:  # noqa: BLE001  one run's failure must not end the sweep; KeyboardInterrupt does
         error_file.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}", encoding="utf-8")
         summary = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         del e

@@ -27,7 +27,6 @@ from .babi import TASKS, make_story
 from .common import (
     TaskDataError,
     TokenCounter,
-    as_test_split,
     data_seed,
     from_hub,
     hub_known_unreachable,
@@ -36,6 +35,7 @@ from .common import (
     option,
     require_tokenizer_name,
     sample_rng,
+    to_dataset,
 )
 from .metrics import TASK_LABELS, compare_answers
 from .text import prose_sentences
@@ -254,9 +254,9 @@ def _row(task: str, context: str, question: str, target: str, count: TokenCounte
 
 
 @lru_cache(maxsize=64)
-def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: str) -> tuple[dict, ...]:
+def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: str):
     count = TokenCounter(load_sizing_tokenizer(tokenizer))
-    return tuple(generate_sample(task, length, i, seed, count) for i in range(num_samples))
+    return to_dataset(generate_sample(task, length, i, seed, count) for i in range(num_samples))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,12 +265,12 @@ def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: s
 
 
 @lru_cache(maxsize=64)
-def _from_hub(task: str, length_name: str, dataset: str) -> tuple[dict, ...]:
+def _from_hub(task: str, length_name: str, dataset: str):
     import datasets
 
     hint = "Use --metadata babilong_source=generate to build the samples offline."
     rows = from_hub(dataset, lambda: datasets.load_dataset(dataset, length_name, split=task), hint)
-    return tuple(_row(task, r["input"], r["question"], r["target"], None, f"hub:{dataset}") for r in rows)
+    return to_dataset(_row(task, r["input"], r["question"], r["target"], None, f"hub:{dataset}") for r in rows)
 
 
 def load(babilong_task: str, babilong_length: str, **meta) -> dict:
@@ -291,7 +291,7 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
     dataset = str(option(meta, "babilong_dataset", default=HUB_DATASETS[0]))
     if source == "hub" or (source == "auto" and not hub_known_unreachable(dataset)):
         try:
-            return as_test_split([dict(r) for r in _from_hub(babilong_task, babilong_length, dataset)])
+            return {"test": _from_hub(babilong_task, babilong_length, dataset)}
         except TaskDataError:
             if source == "hub":
                 raise
@@ -299,7 +299,7 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
     tokenizer = require_tokenizer_name(meta, "BABILong (offline generation)")
     rows = _generated(babilong_task, LENGTHS[babilong_length], int_option(meta, "num_samples", DEFAULT_NUM_SAMPLES, 1),
                       data_seed(meta), tokenizer)
-    return as_test_split([dict(r) for r in rows])
+    return {"test": rows}
 
 
 def score(doc: dict, results: list[str]) -> dict:

@@ -145,13 +145,15 @@ def largest_fitting(measure: Callable[[int], int], budget: int, lo: int, hi: int
     return best
 
 
-def as_test_split(rows: list[dict]) -> dict:
-    """`{"test": datasets.Dataset}`, what lm-eval expects from `custom_dataset`."""
+def to_dataset(rows) -> "datasets.Dataset":  # noqa: F821
+    """Rows as a `datasets.Dataset`. Loaders cache the Dataset itself (Arrow memory, shared by
+    every task that asks for the same data) and return `{"test": dataset}` to lm-eval."""
     import datasets
 
+    rows = list(rows)
     if not rows:
         raise TaskDataError("The task produced no samples.")
-    return {"test": datasets.Dataset.from_list(rows)}
+    return datasets.Dataset.from_list(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from functools import lru_cache
 from .common import (
     TaskDataError,
     TokenCounter,
-    as_test_split,
     from_hub,
     int_option,
     load_sizing_tokenizer,
     option,
     require_tokenizer_name,
+    to_dataset,
 )
 from .longbench_prompts import PROMPTS
 from .metrics import LONGBENCH_METRICS
@@ -126,7 +126,7 @@ def truncate_middle(prompt: str, limit: int, count: TokenCounter) -> str:
 
 
 @lru_cache(maxsize=64)
-def _prompted(name: str, data_dir: str | None, max_length: int | None, tokenizer: str | None) -> tuple[dict, ...]:
+def _prompted(name: str, data_dir: str | None, max_length: int | None, tokenizer: str | None):
     task = task_of(name)
     template = PROMPTS[name[:-2] if name.endswith("_e") else name]
     count = TokenCounter(load_sizing_tokenizer(tokenizer)) if max_length else None
@@ -140,7 +140,7 @@ def _prompted(name: str, data_dir: str | None, max_length: int | None, tokenizer
             prompt = truncate_middle(prompt, limit, count)
         rows.append({**row, "prompt": prompt, "target": row["answers"][0] if row["answers"] else "",
                      "dataset": name})
-    return tuple(rows)
+    return to_dataset(rows)
 
 
 def load(longbench_task: str, **meta) -> dict:
@@ -152,7 +152,7 @@ def load(longbench_task: str, **meta) -> dict:
     if max_length is None:
         log.info("LongBench %s: no max_length given; prompts are not truncated by the task.", longbench_task)
     tokenizer = require_tokenizer_name(meta, "LongBench truncation") if max_length else None
-    return as_test_split([dict(r) for r in _prompted(longbench_task, data_dir, max_length, tokenizer)])
+    return {"test": _prompted(longbench_task, data_dir, max_length, tokenizer)}
 
 
 def score(doc: dict, results: list[str]) -> dict:

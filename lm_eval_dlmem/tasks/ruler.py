@@ -27,7 +27,6 @@ from . import ruler_synthetic as syn
 from .common import (
     TaskDataError,
     TokenCounter,
-    as_test_split,
     clean_prediction,
     data_seed,
     int_option,
@@ -36,6 +35,7 @@ from .common import (
     option,
     require_tokenizer_name,
     sample_rng,
+    to_dataset,
 )
 from .metrics import string_match_all, string_match_part
 
@@ -185,8 +185,8 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
 
 
 @lru_cache(maxsize=32)
-def _cached(task: str, length: int, opts: Options) -> tuple[dict, ...]:
-    return tuple(generate(task, length, opts, TokenCounter(load_sizing_tokenizer(opts.tokenizer))))
+def _cached(task: str, length: int, opts: Options):
+    return to_dataset(generate(task, length, opts, TokenCounter(load_sizing_tokenizer(opts.tokenizer))))
 
 
 def parse_length(value) -> int:
@@ -211,7 +211,7 @@ def load(ruler_task: str, ruler_length, **meta) -> dict:
     if ruler_task not in TASKS:
         raise ValueError(f"ruler_task={ruler_task!r}; choose one of {', '.join(TASKS)}.")
     opts = Options.from_meta(meta, require_tokenizer_name(meta, "RULER"))
-    return as_test_split([dict(r) for r in _cached(ruler_task, parse_length(ruler_length), opts)])
+    return {"test": _cached(ruler_task, parse_length(ruler_length), opts)}
 
 
 def _score(doc: dict, results: list[str], metric: Callable, name: str) -> dict:

@@ -47,7 +47,7 @@ HUB_DATASETS = ("RMT-team/babilong", "RMT-team/babilong-1k-samples")
 MAX_NEW_TOKENS = 20
 DEFAULT_NUM_SAMPLES = 100
 FILLER_POOL = 20000  # filler starts at a random one of this many prose sentences
-_WARNED: set[tuple[str, int]] = set()
+_WARNED: set[tuple] = set()  # warnings already given in this process
 TEMPLATE = "{instruction}\n\n{examples}\n\n{post_prompt}\n\n<context>\n{context}\n</context>\n\nQuestion: {question}"
 
 
@@ -296,6 +296,9 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
             if source == "hub":
                 raise
             log.warning("BABILong: %s is not reachable; generating bAbI-style samples offline instead.", dataset)
+    elif source == "auto" and ("auto", dataset) not in _WARNED:
+        _WARNED.add(("auto", dataset))
+        log.warning("BABILong: the hub is switched off; generating bAbI-style samples offline instead of %s.", dataset)
     tokenizer = require_tokenizer_name(meta, "BABILong (offline generation)")
     rows = _generated(babilong_task, LENGTHS[babilong_length], int_option(meta, "num_samples", DEFAULT_NUM_SAMPLES, 1),
                       data_seed(meta), tokenizer)

@@ -141,6 +141,15 @@ def test_ruler_errors_name_the_fix(tok_path, tmp_path):
         ruler.load("niah", "1k", pretrained=tok_path)
 
 
+def test_template_tokens_are_left_free(tok_path, count):
+    opts = ruler.Options(tokenizer=tok_path, num_samples=2, seed=42, essay_source="synthetic", qa_dir=None,
+                         template_tokens=200)
+    for row in ruler.generate("vt", 2048, opts, count):
+        assert 0.98 * (2048 - 200) <= row["length"] <= 2048 - 200
+    row = babilong.generate_sample("qa1", 2000, 0, 42, count, reserve=200)
+    assert 0.98 * 1800 <= count(row["prompt"]) <= 1800
+
+
 def test_ruler_load_is_cached_and_reads_metadata(tok_path):
     meta = dict(pretrained=tok_path, num_samples=2, data_seed=3, batch_size=8, metastate="none")
     first = ruler.load("niah_single_1", "1k", **meta)["test"]

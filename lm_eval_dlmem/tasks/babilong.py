@@ -12,7 +12,8 @@ Data (`--metadata babilong_source=auto|hub|generate`, default auto):
 - generate: bAbI-style stories (`babi.py`) hidden in filler prose (`text.prose_sentences`), sized
   so the whole rendered prompt is within 1% below the length (1k = 1000 tokens, as upstream) in
   the evaluated model's tokens; "0k" is the facts alone. `num_samples` (default 100) and
-  `data_seed` (default 42) set the amount and the draw.
+  `data_seed` (default 42) set the amount and the draw; `template_tokens` (default 0) leaves
+  room for a chat template.
 - auto: the hub when it is reachable, else generate (a warning says so; each doc records its
   `source`).
 """
@@ -227,13 +228,15 @@ def _filler(room: int, start: int, count: TokenCounter) -> list[str]:
         pos, chunk = pos + len(pool), 2 * chunk
 
 
-def generate_sample(task: str, length: int, index: int, seed: int, count: TokenCounter) -> dict:
-    """One story hidden in filler prose; the rendered prompt lands within 1% below `length` tokens."""
+def generate_sample(task: str, length: int, index: int, seed: int, count: TokenCounter, reserve: int = 0) -> dict:
+    """One story hidden in filler prose; the rendered prompt lands within 1% below `length - reserve`
+    tokens (`reserve`: tokens left free for a chat template)."""
     rng = sample_rng(seed, "babilong", task, length, index)
     story = make_story(task, rng)
     if length == 0:
         return _row(task, " ".join(story.facts), story.question, story.answer, count, "generated")
-    room = length - count(render(task, "", story.question)) - sum(count.many([" " + f for f in story.facts]))
+    target = length - reserve
+    room = target - count(render(task, "", story.question)) - sum(count.many([" " + f for f in story.facts]))
     if room < 0 and (task, length) not in _WARNED:
         _WARNED.add((task, length))
         log.warning("BABILong %s: instructions, examples and facts alone exceed %d tokens for some samples; "
@@ -241,7 +244,7 @@ def generate_sample(task: str, length: int, index: int, seed: int, count: TokenC
     filler = _filler(room, rng.randrange(FILLER_POOL), count)
     positions_rng = lambda: sample_rng(seed, "babilong-positions", task, length, index)  # noqa: E731
     context = _interleave(story.facts, filler, positions_rng())
-    while filler and count(render(task, context, story.question)) > length:
+    while filler and count(render(task, context, story.question)) > target:
         filler.pop()  # joined text can take a token more than its sentences counted apart
         context = _interleave(story.facts, filler, positions_rng())
     return _row(task, context, story.question, story.answer, count, "generated")
@@ -254,9 +257,9 @@ def _row(task: str, context: str, question: str, target: str, count: TokenCounte
 
 
 @lru_cache(maxsize=64)
-def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: str):
+def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: str, reserve: int):
     count = TokenCounter(load_sizing_tokenizer(tokenizer))
-    return to_dataset(generate_sample(task, length, i, seed, count) for i in range(num_samples))
+    return to_dataset(generate_sample(task, length, i, seed, count, reserve) for i in range(num_samples))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +304,7 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
         log.warning("BABILong: the hub is switched off; generating bAbI-style samples offline instead of %s.", dataset)
     tokenizer = require_tokenizer_name(meta, "BABILong (offline generation)")
     rows = _generated(babilong_task, LENGTHS[babilong_length], int_option(meta, "num_samples", DEFAULT_NUM_SAMPLES, 1),
-                      data_seed(meta), tokenizer)
+                      data_seed(meta), tokenizer, int_option(meta, "template_tokens", 0))
     return {"test": rows}
 
 

@@ -7,7 +7,8 @@ evaluated model's tokens, as upstream: the haystack size is found by binary sear
 sample, then each sample is checked and shrunk until it fits.
 
 Metadata knobs (`--metadata`): `tokenizer` (else `pretrained`), `num_samples` (default 500, as
-upstream), `data_seed` (default 42), `essay_source` (see `text.py`), `ruler_qa_dir` (see `ruler_qa.py`).
+upstream), `data_seed` (default 42), `essay_source` (see `text.py`), `ruler_qa_dir` (see `ruler_qa.py`),
+`template_tokens` (default 0: tokens left free for a chat template, which upstream counts in the length).
 Scores are on RULER's 0-100 scale: `string_match_all` (fraction of references found in the
 prediction) for niah/vt/cwe/fwe and `string_match_part` (1 if any reference is found) for QA;
 both are also reported as `score`, which the groups average like RULER's per-length average.
@@ -62,12 +63,14 @@ class Options:
     seed: int
     essay_source: str
     qa_dir: str | None
+    template_tokens: int = 0  # left free for a chat template (upstream counts the model template)
 
     @classmethod
     def from_meta(cls, meta: dict, tokenizer: str) -> "Options":
         return cls(tokenizer=tokenizer, num_samples=int_option(meta, "num_samples", DEFAULT_NUM_SAMPLES, 1),
                    seed=data_seed(meta), essay_source=str(option(meta, "essay_source", default="auto")),
-                   qa_dir=option(meta, "ruler_qa_dir", env="LM_EVAL_DLMEM_RULER_QA_DIR"))
+                   qa_dir=option(meta, "ruler_qa_dir", env="LM_EVAL_DLMEM_RULER_QA_DIR"),
+                   template_tokens=int_option(meta, "template_tokens", 0))
 
 
 @dataclass
@@ -152,7 +155,7 @@ def _refit(gen: Generator, i: int, rng_for, count: TokenCounter, budget: int, sl
 def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list[dict]:
     """All samples of `task` at `length` tokens (prompt + generation budget <= length)."""
     gen = _generator(task, length, opts, count)
-    budget = length - TOKENS_TO_GENERATE[task]
+    budget = length - TOKENS_TO_GENERATE[task] - opts.template_tokens
     rng_for = lambda i: sample_rng(opts.seed, task, length, i)  # noqa: E731
     text = lambda i, n: "".join(gen.make(rng_for(i), n, i)[:2])  # noqa: E731
     units = _search_units(lambda n: count(text(0, n)), budget, gen.min_units(0), gen.max_units)

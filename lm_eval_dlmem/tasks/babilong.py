@@ -216,13 +216,15 @@ def _interleave(facts: tuple[str, ...], filler: list[str], rng) -> str:
 
 
 def _filler(room: int, start: int, count: TokenCounter) -> list[str]:
-    """Prose sentences from sentence `start` on, as many as fit in `room` tokens."""
+    """Prose sentences from sentence `start` on, filling `room` tokens; the last one is cut to fit,
+    as upstream's `SentenceSampler` cuts the tokens of its last sentence."""
     filler, used, pos, chunk = [], 0, start, 64
     while True:
         pool = prose_sentences(pos + chunk)[pos:]
         for sentence, size in zip(pool, count.many([" " + s for s in pool])):
             if used + size > room:
-                return filler
+                cut = count.decode(count.encode(" " + sentence)[:max(room - used, 0)]).strip()
+                return filler + ([cut] if cut else [])
             filler.append(sentence)
             used += size
         pos, chunk = pos + len(pool), 2 * chunk

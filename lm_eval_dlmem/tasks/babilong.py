@@ -10,8 +10,8 @@ Data (`--metadata babilong_source=auto|hub|generate`, default auto):
   `--metadata babilong_dataset=RMT-team/babilong-1k-samples`, the 1000-sample set lm-eval uses.
   Its lengths are in GPT-2 tokens (upstream's unit).
 - generate: bAbI-style stories (`babi.py`) hidden in filler prose (`text.prose_sentences`), sized
-  so the whole rendered prompt is within 1% below the length (1k = 1000 tokens, as upstream) in
-  the evaluated model's tokens; "0k" is the facts alone. `num_samples` (default 100) and
+  so the whole rendered prompt fills the length (1k = 1000 tokens, as upstream) in the evaluated
+  model's tokens to within a few tokens; "0k" is the facts alone. `num_samples` (default 100) and
   `data_seed` (default 42) set the amount and the draw; `template_tokens` (default 0) leaves
   room for a chat template.
 - auto: the hub when it is reachable, else generate (a warning says so; each doc records its
@@ -231,8 +231,8 @@ def _filler(room: int, start: int, count: TokenCounter) -> list[str]:
 
 
 def generate_sample(task: str, length: int, index: int, seed: int, count: TokenCounter, reserve: int = 0) -> dict:
-    """One story hidden in filler prose; the rendered prompt lands within 1% below `length - reserve`
-    tokens (`reserve`: tokens left free for a chat template)."""
+    """One story hidden in filler prose; the rendered prompt fills `length - reserve` tokens
+    (`reserve`: tokens left free for a chat template), never more."""
     rng = sample_rng(seed, "babilong", task, length, index)
     story = make_story(task, rng)
     if length == 0:

@@ -31,6 +31,9 @@ def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
         from peft import PeftConfig, PeftModel
     except ImportError as e:  # pragma: no cover - peft is a dependency
         raise ImportError("adapter= needs peft: pip install peft") from e
+    from ..embedded import resolve_embedded
+
+    adapter = resolve_embedded(adapter) or adapter
     if os.path.sep in adapter and not os.path.isdir(os.path.expanduser(adapter)):
         raise FileNotFoundError(f"adapter={adapter!r} is not a directory; pass a PEFT adapter directory or Hub id.")
     adapter = os.path.expanduser(adapter)

@@ -397,8 +397,10 @@ class MetaState(Memory, nn.Module):
 
 
 def _resolve_dir(spec: str) -> str:
-    """A local directory, or a hub snapshot of the MetaState files."""
-    spec = os.path.expanduser(spec)
+    """A local directory, an embedded name (`tiny-llada-metastate`), or a hub snapshot of the MetaState files."""
+    from ..embedded import resolve_embedded
+
+    spec = resolve_embedded(spec) or os.path.expanduser(spec)
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, CONFIG_NAME)):
             raise FileNotFoundError(f"{spec!r} has no {CONFIG_NAME}; point metastate= at a directory written by save_pretrained.")

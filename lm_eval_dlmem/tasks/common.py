@@ -48,9 +48,10 @@ def tokenizer_name(meta: dict) -> str | None:
 def load_sizing_tokenizer(name: str):
     """Load (once per process) the tokenizer used to size prompts, without remote code."""
     from lm_eval_dlmem.backbones.loading import load_tokenizer
+    from lm_eval_dlmem.embedded import resolve_embedded
 
     try:
-        return load_tokenizer(name)
+        return load_tokenizer(resolve_embedded(name) or name)
     except OSError as e:
         raise TaskDataError(
             f"Could not load the tokenizer {name!r} to size the task prompts ({e}). Pass a local "

@@ -76,3 +76,24 @@ def test_each_row_keeps_its_own_state(backbones, cache):
         real = attn[b].bool()
         alone = generate(bb, ids[b : b + 1, real], None, cfg, ms, seeds=[3 + b])
         assert torch.equal(alone[0], batched[b])
+
+
+@pytest.mark.parametrize("family,cfg_scale", [("llada", 0.0), ("llada", 1.0), ("dream", 0.0)])
+def test_untrained_metastate_scores_like_the_frozen_backbone(backbones, family, cfg_scale):
+    from lm_eval_dlmem.decoding.likelihood import loglikelihood
+
+    bb = backbones[family]
+    tok = bb.tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    requests = [(enc("The grass is"), enc(" green.")), (enc("Where is Mary? Mary is in the"), enc(" bathroom"))]
+    kw = dict(mc_num=6, batch_size=4, seeds=[5, 6], cfg_scale=cfg_scale, check_greedy=True)
+    torch.manual_seed(0)
+    ms = MetaState.init_for(bb, **SMALL)
+    frozen = loglikelihood(bb, requests, memory=NoMemory(), **kw)
+    assert loglikelihood(bb, requests, memory=ms, **kw) == frozen
+    with torch.no_grad():
+        ms.injector.gate.fill_(3.0)
+        ms.injector.o.weight.mul_(200)
+    changed = loglikelihood(bb, requests, memory=ms, **kw)
+    assert [s for s, _ in changed] != [s for s, _ in frozen]
+    assert all(not layer._forward_hooks for layer in bb.layers) and ms.state is None

@@ -189,3 +189,14 @@ def test_fast_weights_sit_under_an_outer_adapter(tmp_path):
         mem.end()
         assert peft_layer.base_layer is original
         assert torch.equal(adapted.logits(ids, attn), outer_only)
+
+
+def test_a_batch_without_prompt_tokens_keeps_the_identity(backbones):
+    bb = backbones["llada"]
+    ids, attn, pm = prompts(bb, [6, 6])
+    with torch.inference_mode():
+        frozen = bb.logits(ids, attn)
+        mem = FastWeightMemory(bb, MemDLMConfig())
+        mem.begin(bb, ids, attn, torch.zeros_like(pm), [0, 1])
+        assert torch.equal(bb.logits(ids, attn), frozen)
+        mem.end()

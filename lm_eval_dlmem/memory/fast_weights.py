@@ -278,6 +278,9 @@ class FastWeightMemory(Memory):
         """
         losses = []
         for masked in states:
+            if not masked.any():  # nothing to denoise (e.g. an empty prompt): no step
+                losses.append(torch.zeros(self.layers[0].fast_A.shape[0], device=x0.device))
+                continue
             params = [t.detach().requires_grad_(True) for layer in self.layers for t in (layer.fast_A, layer.fast_B)]
             for i, layer in enumerate(self.layers):
                 layer.fast_A, layer.fast_B = params[2 * i], params[2 * i + 1]

@@ -84,6 +84,19 @@ class DecodeConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0.")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k} must be >= 1 (or None for no top-k filter).")
+        if self.alg_temp is not None and self.alg_temp < 0:
+            raise ValueError(f"alg_temp={self.alg_temp} must be >= 0 (or None).")
+        if not 0.0 < self.eps < 1.0:
+            raise ValueError(f"eps={self.eps} must be in (0, 1).")
+        if self.cfg_scale < 0:
+            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (0 disables guidance).")
+        if self.num_blocks and self.steps % self.num_blocks:
+            raise ValueError(
+                f"steps={self.steps} must be a multiple of the number of blocks "
+                f"(gen_length / block_length = {self.num_blocks}): steps are split evenly over blocks."
+            )
 
     @property
     def num_blocks(self) -> int:

@@ -1,0 +1,188 @@
+"""The diffusion decode loop: one function for every family, strategy, cache mode and memory.
+
+    canvas = [left-padded prompt | mask * gen_length]
+    for each semi-autoregressive block [s, e):
+        for each step (schedule of the strategy):
+            logits = forward(canvas, block)          # BlockForward: cache mode, CFG, memory hooks
+            tokens, commit = strategy(logits, ...)   # strategies.py
+            canvas[:, s:e] = where(commit, tokens, canvas[:, s:e])
+        rows whose committed prefix holds EOS/EoT or a stop string are finished: they leave the
+        batch, their remaining positions become EOS; the loop ends when no row is left.
+
+Shapes: B rows, P padded prompt length, G = gen_length, L = P + G, n = block_length, V vocab.
+Rows never interact: each has its own generator and draws only for its own positions, so a row's
+output does not depend on the batch it is in, on padding, or on rows leaving early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..memory.base import NoMemory
+from .cache import BlockForward
+from .config import DecodeConfig
+from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
+from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
+
+
+@dataclass
+class Canvas:
+    """The rows still being decoded. x [b, L]; attn [b, L] or None (no padding); pad: left
+    padding per row; rows: each row's index in the caller's batch."""
+
+    x: torch.Tensor
+    attn: torch.Tensor | None
+    pad: list[int]
+    rows: list[int]
+
+    @classmethod
+    def build(cls, input_ids, attention_mask, gen_length: int, mask_id: int) -> "Canvas":
+        B, P = input_ids.shape
+        x = torch.cat([input_ids, input_ids.new_full((B, gen_length), mask_id)], dim=1)
+        attn, pad = None, [0] * B
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(input_ids.device)
+            if P and not bool(attention_mask[:, -1].all()):
+                raise ValueError(
+                    "generate() needs left-padded prompts (the last prompt position of every row "
+                    "must be a real token); set tokenizer.padding_side = 'left'."
+                )
+            pad = (P - attention_mask.long().sum(-1)).tolist()
+            if any(pad):  # an all-ones mask is no mask: keep the fast unmasked attention path
+                attn = torch.cat([attention_mask.long(), attention_mask.new_ones((B, gen_length)).long()], 1)
+        return cls(x=x, attn=attn, pad=pad, rows=list(range(B)))
+
+    def select(self, keep: list[int]) -> "Canvas":
+        index = torch.tensor(keep, device=self.x.device)
+        return Canvas(
+            x=self.x.index_select(0, index),
+            attn=None if self.attn is None else self.attn.index_select(0, index),
+            pad=[self.pad[k] for k in keep],
+            rows=[self.rows[k] for k in keep],
+        )
+
+
+@torch.no_grad()
+def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=None, *,
+             seeds: list[int] | None = None, stop_sequences: list[str] | None = None) -> torch.LongTensor:
+    """Decode `config.gen_length` tokens after each prompt.
+
+    Args:
+        backbone: a loaded `Backbone` (any family).
+        input_ids: [B, P] left-padded prompts.
+        attention_mask: [B, P], 1 on real tokens, 0 on left padding; None = no padding.
+        config: the decoding knobs (`DecodeConfig`).
+        memory: a `Memory` (MetaState, MemDLM, ...); None = the frozen backbone (`NoMemory`).
+        seeds: one seed per row (default `config.seed + i`); row i draws only from its own
+            generator, so its output does not depend on the other rows.
+        stop_sequences: strings that end a row once they appear in the decoded committed prefix
+            (checked after each block, like EOS/EoT, when `config.stop_early`).
+
+    Returns:
+        LongTensor [B, gen_length] on the backbone's device: the generation region. Rows that
+        finished early hold `spec.eos_id` after their last decoded block.
+    """
+    spec = backbone.spec
+    device = backbone.device
+    input_ids = input_ids.to(device)
+    B, P = input_ids.shape
+    G, n = config.gen_length, config.block_length
+    out = torch.full((B, G), spec.eos_id, dtype=torch.long, device=device)
+    if G == 0 or B == 0:
+        return out
+    seeds = row_seeds(seeds, B, config.seed)
+    canvas = Canvas.build(input_ids, attention_mask, G, spec.mask_id)
+    rng = RowRandom.from_seeds(seeds, device)
+    memory = memory if memory is not None else NoMemory()
+    forward = BlockForward(backbone, config, memory, P)
+    x_mem, attn_mem = forward.inputs(canvas.x, canvas.attn)
+    if attn_mem is None:
+        attn_mem = torch.ones_like(x_mem)
+    prompt_mask = torch.zeros_like(x_mem, dtype=torch.bool)
+    prompt_mask[:, :P] = attn_mem[:, :P].bool()
+    memory.begin(backbone, x_mem, attn_mem, prompt_mask, seeds * (2 if forward.guided else 1))
+    try:
+        for b in range(config.num_blocks):
+            block = (P + b * n, P + (b + 1) * n)
+            decode_block(canvas, rng, forward, config, spec, block)
+            if not config.stop_early or b == config.num_blocks - 1:
+                continue
+            done = finished_rows(canvas.x[:, P : block[1]], spec.stop_ids, stop_sequences, backbone.tokenizer)
+            if not any(done):
+                continue
+            for j, d in enumerate(done):
+                if d:
+                    out[canvas.rows[j], : block[1] - P] = canvas.x[j, P : block[1]]
+            keep = [j for j, d in enumerate(done) if not d]
+            if not keep:
+                break
+            index = torch.tensor(keep, device=device)
+            memory.select(forward.rows(index, len(done)))
+            canvas, rng = canvas.select(keep), rng.select(keep)
+        else:
+            out[torch.tensor(canvas.rows, device=device)] = canvas.x[:, P:]
+    finally:
+        memory.end()
+    check_no_mask(out, spec.mask_id)
+    return out
+
+
+def check_no_mask(out: torch.Tensor, mask_id: int) -> None:
+    """The schedules commit every position and never choose the mask token; fail loudly if not."""
+    if bool((out == mask_id).any()):
+        raise RuntimeError("A mask token survived decoding; this is a bug in the decoding schedule.")
+
+
+def decode_block(canvas: Canvas, rng: RowRandom, forward: BlockForward, config: DecodeConfig,
+                 spec, block: tuple[int, int]) -> None:
+    """Run one block's steps, committing tokens into `canvas.x[:, s:e]` in place."""
+    s, e = block
+    n = e - s
+    steps = config.steps // config.num_blocks
+    if config.strategy == "dream":
+        counts = dream_transfer_counts(n, steps, config.eps)
+    else:
+        counts = llada_transfer_counts(n, steps)
+    L = canvas.x.shape[1]
+    spans = [(L - p, s - p) for p in canvas.pad]  # each row's unpadded canvas length, block start
+    for i in range(steps):
+        region = canvas.x[:, s:e]
+        masked = region == spec.mask_id
+        if config.strategy == "threshold" and i > 0 and not bool(masked.any()):
+            break  # the block finished early: the only host sync of the step loop
+        logits = forward(canvas.x, canvas.attn, block, refresh=i == 0)
+        if config.strategy == "llada":
+            # `random` remasking: each row's noise over its unpadded canvas, as the reference draws
+            draw = lambda: rng.uniform_slices(*zip(*spans), n, canvas.x.device)  # noqa: E731
+            x0, commit = llada_commit(logits, masked, counts[i], config, spec, rng, draw, spans)
+        elif config.strategy == "dream":
+            p = dream_transfer_probability(i, steps, config.eps) if config.alg == "origin" else None
+            x0, commit = dream_commit(logits, masked, counts[i], p, config, spec, rng, spans)
+        else:
+            x0, commit = threshold_commit(logits, masked, counts[i], config, spec, rng)
+        canvas.x[:, s:e] = torch.where(commit & masked, x0, region)
+
+
+def finished_rows(generated: torch.Tensor, stop_ids, stop_sequences, tokenizer) -> list[bool]:
+    """Per row: does the committed generation [b, l] contain a stop id, or, decoded with its
+    special tokens, one of `stop_sequences`?"""
+    stop_ids = set(stop_ids)
+    done = []
+    for row in generated.tolist():
+        hit = any(t in stop_ids for t in row)
+        if not hit and stop_sequences:
+            text = tokenizer.decode(row, skip_special_tokens=False)
+            hit = any(s in text for s in stop_sequences if s)
+        done.append(hit)
+    return done
+
+
+def row_seeds(seeds, batch: int, base: int) -> list[int]:
+    if seeds is None:
+        return [base + i for i in range(batch)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != batch:
+        raise ValueError(f"Got {len(seeds)} seeds for a batch of {batch} prompts; pass one per row.")
+    return seeds

@@ -5,6 +5,18 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI has 2 cores and runs 2 pytest workers: one math thread per process (children inherit it)
+# avoids oversubscription, which made tiny-model tests several times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+torch_threads = int(os.environ["OMP_NUM_THREADS"])
+try:
+    import torch
+
+    torch.set_num_threads(torch_threads)
+except ImportError:  # pragma: no cover
+    pass
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 

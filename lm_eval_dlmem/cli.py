@@ -5,6 +5,8 @@
     lm-eval-dlmem make-tiny FAMILY PATH     write a tiny official-format checkpoint
     lm-eval-dlmem tasks-path                print the directory to pass to --include_path
     lm-eval-dlmem train metastate|memdlm    train a memory (see --help of each)
+    lm-eval-dlmem train pretrain            masked-diffusion pre-training / SFT of a small backbone
+    lm-eval-dlmem train tiny-default        reproduce the embedded tiny models from a seed
     lm-eval-dlmem analyze exposure-bias     MemDLM's exposure-bias curve
     lm-eval-dlmem compare RESULTS...        frozen-vs-augmented table (and plot) from lm-eval outputs
     lm-eval-dlmem sweep SWEEP.yaml          run a list of evaluations, resumable
@@ -21,6 +23,8 @@ import sys
 DELEGATES = {
     ("train", "metastate"): "lm_eval_dlmem.training.metastate",
     ("train", "memdlm"): "lm_eval_dlmem.training.memdlm",
+    ("train", "pretrain"): "lm_eval_dlmem.training.pretrain",
+    ("train", "tiny-default"): "lm_eval_dlmem.training.tiny_default",
     ("analyze", "exposure-bias"): "lm_eval_dlmem.analysis.exposure_bias",
     ("compare",): "lm_eval_dlmem.leaderboard.compare",
     ("sweep",): "lm_eval_dlmem.leaderboard.sweep",

@@ -169,3 +169,36 @@ def test_tiny_demo_sweep(tiny_ckpts, tmp_path, monkeypatch, quick_lm_eval):
     header, _, *rows = table.split("\n\n")[0].splitlines()
     assert header == "| Task | Metric | Filter |  | default | threshold | Δ threshold |"
     assert {r.split("|")[1].strip() for r in rows} >= {"dlmem_demo_gen", "dlmem_demo_mc"}
+
+
+def tiny_gpt2(tokenizer_dir, out):
+    """A random one-layer GPT-2 with the tiny checkpoint's tokenizer: an `hf` model, offline."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_sweep_and_compare_with_an_hf_baseline(tiny_ckpts, tmp_path, quick_lm_eval):
+    out = tmp_path / "out"
+    data = {
+        "output_dir": str(out),
+        "defaults": {"tasks": ["t_gen", "t_mc"], "include_path": [str(TESTS_DIR / "tasks")],
+                     "include_defaults": False, "device": "cpu", "limit": 3},
+        "runs": [{"name": "gpt2", "model": "hf",
+                  "model_args": {"pretrained": tiny_gpt2(tiny_ckpts["llada"], tmp_path / "g")}},
+                 {"name": "llada", "model": "metastate-llada",
+                  "model_args": {"pretrained": tiny_ckpts["llada"], "mc_num": 4, "mc_batch_size": 4}}],
+    }
+    assert sweep_mod.main([write_yaml(tmp_path / "sweep.yaml", data)]) == 0
+    rows = {r.split("|")[1].strip() + "/" + r.split("|")[2].strip(): r.split("|")[5:8]
+            for r in (out / "compare.md").read_text().split("\n\n")[0].splitlines()[2:]}
+    assert set(rows) == {"t_gen/exact_match", "t_mc/acc"}
+    base, llada, delta = (float(c.split("±")[0]) for c in rows["t_mc/acc"])
+    assert delta == pytest.approx(llada - base)
+    assert "- **gpt2** (baseline): hf (pretrained=" in (out / "compare.md").read_text()

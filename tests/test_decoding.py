@@ -182,7 +182,8 @@ def test_memory_protocol_order_select_and_end_on_error():
     mem = Recorder()
     generate(bb, torch.tensor([[1, 2, 3], [0, 0, 1]]), torch.tensor([[1, 1, 1], [0, 0, 1]]),
              DecodeConfig(gen_length=4, steps=4, block_length=2, cfg_scale=1.0), mem, stop_sequences=["ef"])
-    assert mem.events[0] == ("begin", (4, 7), 8, [0, 1, 0, 1])  # [cond; uncond] rows under CFG
+    assert mem.events[0] == ("begin", (2, 7), 4, [0, 1])  # the conditional rows; prompt = real tokens
+    # the forward holds [cond; uncond] (4 rows) under CFG
     assert mem.events[1] == ("before", 0, [1.0] * 4, (0, 7), True) and mem.events[2] == ("after", 0)
     assert ("select", []) not in mem.events and mem.events[-1] == ("end",)
     mem = Recorder(fail_at=1)

@@ -10,7 +10,8 @@
 
 Both caches are refreshed at every block start, so rows may leave the batch between blocks
 without reordering a cache. With CFG (`cfg_scale > 0`) the forward batch is `[cond; uncond]`
-(2B rows, the prompt masked in the unconditional half), and the memory sees those 2B rows.
+(2B rows, the prompt masked in the unconditional half); the memory holds the B conditional rows
+and applies row b's state to both copies (the guidance convention of `memory/`).
 """
 
 from __future__ import annotations
@@ -46,11 +47,6 @@ class BlockForward:
     @property
     def guided(self) -> bool:
         return self.cfg_scale > 0
-
-    def rows(self, keep: torch.Tensor, batch: int) -> torch.Tensor:
-        """Indices into the forward batch (of a `batch`-row canvas) for the canvas rows `keep`:
-        both CFG halves when guided."""
-        return torch.cat([keep, keep + batch]) if self.guided else keep
 
     def inputs(self, x: torch.Tensor, attn: torch.Tensor | None):
         """The forward batch: x [B, L] or, with CFG, [x; x with the prompt masked] [2B, L]."""

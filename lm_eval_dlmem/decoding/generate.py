@@ -97,12 +97,10 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()
     forward = BlockForward(backbone, config, memory, P)
-    x_mem, attn_mem = forward.inputs(canvas.x, canvas.attn)
-    if attn_mem is None:
-        attn_mem = torch.ones_like(x_mem)
-    prompt_mask = torch.zeros_like(x_mem, dtype=torch.bool)
-    prompt_mask[:, :P] = attn_mem[:, :P].bool()
-    memory.begin(backbone, x_mem, attn_mem, prompt_mask, seeds * (2 if forward.guided else 1))
+    attn = canvas.attn if canvas.attn is not None else torch.ones_like(canvas.x)
+    prompt_mask = torch.zeros_like(canvas.x, dtype=torch.bool)
+    prompt_mask[:, :P] = attn[:, :P].bool()
+    memory.begin(backbone, canvas.x, attn, prompt_mask, seeds)
     try:
         for b in range(config.num_blocks):
             block = (P + b * n, P + (b + 1) * n)
@@ -118,8 +116,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
             keep = [j for j, d in enumerate(done) if not d]
             if not keep:
                 break
-            index = torch.tensor(keep, device=device)
-            memory.select(forward.rows(index, len(done)))
+            memory.select(torch.tensor(keep, device=device))
             canvas, rng = canvas.select(keep), rng.select(keep)
         else:
             out[torch.tensor(canvas.rows, device=device)] = canvas.x[:, P:]

@@ -16,17 +16,24 @@ def quick_lm_eval(monkeypatch):
 
 @pytest.fixture
 def decoded(monkeypatch):
-    """Rows that reached the decoding engine (generation) since the fixture was made."""
+    """Rows that reached the decoding engine since the fixture was made: generation rows and
+    scored (context, continuation) pairs."""
     import lm_eval_dlmem.decoding.generate as gen
+    import lm_eval_dlmem.decoding.likelihood as lik
 
-    counts = {"rows": 0}
-    real = gen.generate
+    counts = {"rows": 0, "pairs": 0}
+    real_generate, real_loglikelihood = gen.generate, lik.loglikelihood
 
-    def spy(backbone, input_ids, *args, **kwargs):
+    def spy_generate(backbone, input_ids, *args, **kwargs):
         counts["rows"] += int(input_ids.shape[0])
-        return real(backbone, input_ids, *args, **kwargs)
+        return real_generate(backbone, input_ids, *args, **kwargs)
 
-    monkeypatch.setattr(gen, "generate", spy)
+    def spy_loglikelihood(backbone, requests, *args, **kwargs):
+        counts["pairs"] += len(requests)
+        return real_loglikelihood(backbone, requests, *args, **kwargs)
+
+    monkeypatch.setattr(gen, "generate", spy_generate)
+    monkeypatch.setattr(lik, "loglikelihood", spy_loglikelihood)
     return counts
 
 
@@ -49,31 +56,35 @@ def test_configs_never_share_cached_answers_and_reruns_hit_the_cache(tiny_ckpts,
     from sqlitedict import SqliteDict
 
     ckpt, cache = tiny_ckpts["llada"], tmp_path / "cache" / "lm"
-    n = 6  # t_gen documents
+    n = 6  # t_gen documents; t_mc: 6 documents x 3 choices
     ms = save_metastate(ckpt, tmp_path / "ms", gate=2.0)
 
     def run(**model_args):
-        res = quick_lm_eval(ckpt=ckpt, model_args=model_args, use_cache=str(cache), log_samples=True)
+        res = quick_lm_eval(ckpt=ckpt, tasks=("t_gen", "t_mc"), model_args=model_args, use_cache=str(cache),
+                            log_samples=True)
         return responses(res, "t_gen")
 
     base = run()
-    assert decoded["rows"] == n
-    assert run() == base and decoded["rows"] == n  # all from the cache
+    assert decoded == {"rows": n, "pairs": 3 * n}
+    assert run() == base and decoded == {"rows": n, "pairs": 3 * n}  # all from the cache
 
     run(steps=2)  # a decoding arg
-    assert decoded["rows"] == 2 * n
+    assert decoded == {"rows": 2 * n, "pairs": 6 * n}  # its likelihoods are not shared either
+    run(mc_num=8)  # a likelihood arg
+    assert decoded == {"rows": 3 * n, "pairs": 9 * n}
     with_memory = run(metastate=ms)  # a memory
-    assert decoded["rows"] == 3 * n
+    assert decoded["rows"] == 4 * n
     assert with_memory != base  # the open gate changes answers: sharing would have hidden that
-    assert run(metastate=ms) == with_memory and decoded["rows"] == 3 * n
+    assert run(metastate=ms) == with_memory and decoded["rows"] == 4 * n
 
     # the same metastate path with retrained weights is another configuration
     save_metastate(ckpt, tmp_path / "ms", gate=-2.0)
     run(metastate=ms)
-    assert decoded["rows"] == 4 * n
+    assert decoded["rows"] == 5 * n
 
     # batch size is not part of the configuration: same answers, from the cache
-    quick_lm_eval(ckpt=ckpt, use_cache=str(cache), batch_size=1)
-    assert decoded["rows"] == 4 * n
+    before = dict(decoded)
+    quick_lm_eval(ckpt=ckpt, tasks=("t_gen", "t_mc"), use_cache=str(cache), batch_size=1)
+    assert decoded == before
     tables = [t for t in SqliteDict.get_tablenames(f"{cache}_rank0.db") if t.startswith("dlmem_")]
-    assert len(tables) == 4
+    assert len(tables) == 5

@@ -61,3 +61,24 @@ def test_threshold_decoding_and_cache_modes_are_batch_invariant(tiny_ckpts, quic
     lm = make_lm(tiny_ckpts["llada"], "llada", strategy="threshold", threshold=0.3, cache="dual", block_length=4)
     for gen_kwargs in (GREEDY, SAMPLED):
         assert generate(lm, PROMPTS, gen_kwargs, batch_size=1) == generate(lm, PROMPTS, gen_kwargs, batch_size=4)
+
+
+def test_loglikelihood_does_not_depend_on_batch_mates_order_or_runs(tiny_ckpts, quick_lm_eval):
+    # mc_num 4 in strata of 4 with mc_batch_size 8: two requests share each forward
+    lm = make_lm(tiny_ckpts["llada"], "llada", mc_num=4, mc_batch_size=8)
+    pairs = [("", " kitchen"), ("Mary went to the kitchen. Where is Mary?", " kitchen"),
+             ("Mary went to the kitchen. Where is Mary?", " garden"), ("东京 🙂", " Größe"), ("a b c", " d e f g")]
+
+    def score(model, items):
+        torch.manual_seed(random.randrange(1 << 30))
+        reqs = [Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(items)]
+        return [r[0] for r in model.loglikelihood(reqs, disable_tqdm=True)]
+
+    together = score(lm, pairs)
+    assert all(v < 0 for v in together)
+    assert [score(lm, [p])[0] for p in pairs] == pytest.approx(together, abs=1e-4)
+    assert score(lm, pairs[::-1])[::-1] == pytest.approx(together, abs=1e-4)
+    assert score(make_lm(tiny_ckpts["llada"], "llada", mc_num=4, mc_batch_size=8), pairs) == pytest.approx(
+        together, abs=1e-4)
+    other = score(make_lm(tiny_ckpts["llada"], "llada", mc_num=4, mc_batch_size=8, seed=7), pairs)
+    assert other != pytest.approx(together, abs=1e-4)  # the seed drives the Monte Carlo masks

@@ -34,7 +34,9 @@ def per_doc(samples: list[dict]) -> dict:
     """doc_id -> (raw responses, metrics) of one task's logged samples."""
     out = {}
     for s in samples:
-        resps = [[tuple(r) if isinstance(r, list) else r for r in rs] for rs in s["resps"]]
+        # loglikelihood answers come back as (logprob, is_greedy); the samples file stores them as strings
+        resps = [[(float(r[0]), str(r[1]) == "True") if isinstance(r, (list, tuple)) else r for r in rs]
+                 for rs in s["resps"]]
         out[s["doc_id"]] = (resps, s.get("exact_match", s.get("acc")))
     return out
 

@@ -120,6 +120,23 @@ def test_edge_prompts_and_generation_budgets(tiny_ckpts, spy_generate, caplog, q
         lm.generate_until(gen_requests(["x"], {**GEN, "max_gen_toks": 100}), disable_tqdm=True)
 
 
+def test_likelihood_edge_inputs(tiny_ckpts, quick_lm_eval):
+    lm = make_lm(tiny_ckpts["llada"], max_length=48, mc_num=4, mc_batch_size=4)
+    long_context = " ".join(f"word{i}" for i in range(200))
+
+    def ll(pairs):
+        return lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)],
+                                disable_tqdm=True)
+
+    out = ll([("", " kitchen"), (long_context, " kitchen"), ("東京 🙂", " Größe")])
+    assert all(isinstance(v, float) and -1e4 < v < 0 and isinstance(g, bool) for v, g in out)
+    with pytest.raises(ValueError, match="does not fit max_length=48; raise max_length="):
+        ll([("ctx", " " + long_context)])
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", doc={}, arguments=(long_context,),
+                                                    idx=0)], disable_tqdm=True)
+    assert isinstance(rolling, float) and rolling < 0  # windows of max_length over a longer text
+
+
 CHAT_TASK = """task: t_gen_prefix
 include: {tests}/t_gen.yaml
 gen_prefix: "The answer is"

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     register()
     family = {"metastate-dream": "dream", "memdlm-llada-moe": "llada_moe"}.get(args.model, "llada")
-    model_args = {"pretrained": demo_checkpoint(family), "mc_num": 16, "mc_batch_size": 16, "device": "cpu"}
+    model_args = {"pretrained": demo_checkpoint(family), "mc_num": 16, "mc_batch_size": 16}
     for kv in filter(None, args.model_args.split(",")):
         key, _, value = kv.partition("=")
         model_args[key.strip()] = value.strip()

@@ -6,9 +6,9 @@ placement hooks. (Without GPUs the hooks are exercised with CPU and disk offload
 import glob
 import json
 import os
-import shutil
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -54,12 +54,13 @@ def assert_same_answers(a: dict, b: dict):
                 assert x == y
 
 
-@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate CLI not installed")
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_ckpts, quick_lm_eval, tmp_path):
     ckpt = tiny_ckpts["llada"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
+    # `python -m accelerate.commands.launch` is `accelerate launch` without relying on PATH
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1", "--cpu", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "lm_eval",
            "--model", "metastate-llada", "--model_args", f"pretrained={ckpt},mc_num=8,mc_batch_size=8",
            "--include_path", TEST_TASKS, "--tasks", ",".join(TASKS), "--device", "cpu", "--batch_size", "2",

@@ -171,6 +171,7 @@ def test_interrupted_run_resumes_from_use_cache(tiny_ckpts, quick_lm_eval, spy_g
 
 
 # ---- the command line -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_shows_the_reason_not_a_deep_traceback(tiny_ckpts, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "lm_eval", "--model", "metastate-llada", "--model_args",

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from lm_eval_dlmem import load_backbone
-from lm_eval_dlmem.decoding.likelihood import loglikelihood, loglikelihood_rolling, stratified_masks
+from lm_eval_dlmem.decoding.likelihood import draw_samples, loglikelihood, loglikelihood_rolling, stratified_masks
 from lm_eval_dlmem.memory.base import Memory
 
 
@@ -45,13 +45,43 @@ def test_equals_direct_estimator(bb):
 
 
 @torch.inference_mode()
-def test_independent_of_batching_and_order(bb):
+def test_independent_of_batch_size_and_order(bb):
     r = reqs(bb.tokenizer)
-    together = loglikelihood(bb, r, mc_num=4, batch_size=16, seeds=[1, 2, 3])
-    alone = [loglikelihood(bb, [x], mc_num=4, batch_size=16, seeds=[s])[0] for x, s in zip(r, [1, 2, 3])]
-    reversed_ = loglikelihood(bb, r[::-1], mc_num=4, batch_size=16, seeds=[3, 2, 1])[::-1]
+    together = loglikelihood(bb, r, mc_num=6, batch_size=16, stratum=3, seeds=[1, 2, 3])
+    for bs in (1, 5, 64):  # rows per forward: a request's samples may straddle forwards
+        other = loglikelihood(bb, r, mc_num=6, batch_size=bs, stratum=3, seeds=[1, 2, 3])
+        assert [a[0] for a in other] == pytest.approx([a[0] for a in together], rel=1e-5)
+    alone = [loglikelihood(bb, [x], mc_num=6, batch_size=16, stratum=3, seeds=[s])[0] for x, s in zip(r, [1, 2, 3])]
+    reversed_ = loglikelihood(bb, r[::-1], mc_num=6, batch_size=16, stratum=3, seeds=[3, 2, 1])[::-1]
     for a, b, c in zip(together, alone, reversed_):
         assert a[0] == pytest.approx(b[0], rel=1e-5) and a[0] == pytest.approx(c[0], rel=1e-5)
+    assert loglikelihood(bb, r, mc_num=6, stratum=3, seeds=[9, 2, 3])[0][0] != together[0][0]  # seeds matter
+
+
+def test_strata_cover_mc_num_even_when_they_do_not_divide_it():
+    masks, ratios = draw_samples(7, 10, 4, torch.Generator().manual_seed(0))
+    assert masks.shape == (10, 7) and torch.equal(masks.sum(-1).float() / 7, ratios)
+
+
+@torch.inference_mode()
+def test_progress_memory_sees_no_continuation_and_edge_cases(bb):
+    r = reqs(bb.tokenizer)
+    done, seen = [], []
+
+    class Spy(Memory):
+        def begin(self, backbone, ids, attn, prompt_mask, seeds=None):
+            seen.append(ids.clone())
+
+    loglikelihood(bb, r, mc_num=4, batch_size=3, memory=Spy(), progress=done.append)
+    assert sum(done) == len(r)
+    cont = {t for _, c in r for t in c}
+    for ids in seen:  # continuation positions reach the memory as mask tokens only
+        assert not (set(ids[:, -1].tolist()) & cont)
+    assert loglikelihood(bb, [(r[0][0], [])], mc_num=4, check_greedy=True) == [(0.0, True)]
+    with pytest.raises(ValueError, match="seeds"):
+        loglikelihood(bb, r, seeds=[1])
+    with pytest.raises(ValueError, match="mc_num"):
+        loglikelihood(bb, r, mc_num=0)
 
 
 @torch.inference_mode()
@@ -83,3 +113,8 @@ def test_greedy_check_detects_the_models_own_continuation(bb):
     best = int(bb.logits(x)[0, -1].argmax())
     (_, is_greedy), = loglikelihood(bb, [(prefix, [best])], mc_num=1, check_greedy=True)
     assert is_greedy is True
+    # batched with longer, padded requests: the same verdicts as one by one
+    mixed = reqs(bb.tokenizer) + [(prefix, [best]), (prefix, [best, best])]
+    together = [g for _, g in loglikelihood(bb, mixed, mc_num=1, check_greedy=True, batch_size=8)]
+    alone = [loglikelihood(bb, [m], mc_num=1, check_greedy=True)[0][1] for m in mixed]
+    assert together == alone and together[3] is True

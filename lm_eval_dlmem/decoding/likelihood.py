@@ -1,21 +1,23 @@
 """Monte Carlo log-likelihood of a continuation under a masked diffusion LM.
 
-The estimator is the one of LLaDA's official evaluator: mask only continuation tokens, draw the
-number of masked tokens stratified over `b` samples (`x_i = round(linspace(k, k + (b-1) T/b))`,
-wrapped into 1..T, with k uniform in 1..T), mask a random subset of that size, and average
-`sum_masked CE / (x_i / T)` over the `mc_num` samples: log p ~= -mean loss (an ELBO bound).
+The estimator is the one of LLaDA's official evaluator (`eval_llada.py`, `get_log_likelihood`):
+mask only continuation tokens; within a stratum of b samples draw k uniform in 1..T and mask
+`x_i = round(linspace(k, k + (b-1) T/b))` tokens (wrapped into 1..T) at random positions; the
+sample's loss is `sum_masked CE / (x_i / T)`; log p ~= -mean loss over `mc_num` samples (an ELBO
+bound). The official stratum is its `batch_size`; here it is `stratum` (default 32, its default),
+so the estimate does not change with how rows are packed into forwards.
 
-Batching: requests are length-sorted and packed `batch_size // b` at a time into one forward of
-`b` samples each, so small `mc_num` (e.g. 1 for MMLU-style tasks) fills the forward with several
-requests. Every request draws its masks from its own generator (`seeds[i]`), so the numbers do
-not depend on which other requests share its forwards.
+Batching: every request's samples are drawn up front from its own generator (`seeds[i]`), in
+the official order (k, then one permutation per sample). The (request, sample) rows of all
+requests, length-sorted, are then packed into forwards of `batch_size` rows, so small `mc_num`
+(1 for MMLU-style tasks) still fills a forward and the results do not depend on batch size or
+request order. The LM head runs only over the continuation span (`keep`).
 
-Shapes: R requests in a forward group, b samples per request per forward, L padded length.
+Shapes: n rows in a forward, R distinct requests among them, L padded length, T continuation
+length (T_max the longest in the forward), V vocabulary.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +26,11 @@ from ..memory.base import NoMemory, StepInfo
 
 
 def stratified_masks(target_len: int, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One stratum of b samples: bool masks [b, T] over the continuation and mask ratios [b]."""
+    """One stratum of b samples: bool masks [b, T] over the continuation and mask ratios [b].
+    Draws from `gen` exactly what the official `_forward_process` draws from the global RNG."""
     T = target_len
-    k = int(torch.randint(1, T + 1, (), generator=gen))
+    k = torch.randint(1, T + 1, (), generator=gen)
+    # the end point is a float32 tensor expression, as in the reference (rounding matches)
     counts = torch.round(torch.linspace(float(k), k + (b - 1) * (T / b), steps=b)).long()
     counts = ((counts - 1) % T) + 1
     base = torch.arange(T)
@@ -34,154 +38,223 @@ def stratified_masks(target_len: int, b: int, gen: torch.Generator) -> tuple[tor
     return masks, counts.float() / T
 
 
-def _cfg_logits(backbone, ids, attn, prompt_mask, cfg_scale):
-    """Logits [rows, L, V] float32, with classifier-free guidance when cfg_scale > 0."""
+def draw_samples(target_len: int, mc_num: int, stratum: int, gen: torch.Generator):
+    """All `mc_num` samples of one request: masks [mc_num, T], ratios [mc_num]; strata of
+    `stratum` samples (the last one smaller when `stratum` does not divide `mc_num`)."""
+    masks, ratios = [], []
+    for start in range(0, mc_num, stratum):
+        m, r = stratified_masks(target_len, min(stratum, mc_num - start), gen)
+        masks.append(m)
+        ratios.append(r)
+    return torch.cat(masks), torch.cat(ratios)
+
+
+def guided_logits(backbone, ids, attn, prompt_mask, cfg_scale: float, keep):
+    """Logits [n, keep_len, V] in float32, with classifier-free guidance when cfg_scale > 0
+    (unconditional rows: the prompt replaced by the mask token)."""
     if cfg_scale <= 0:
-        return backbone.logits(ids, attn).float()
+        return backbone.logits(ids, attn, keep=keep).float()
     uncond = ids.masked_fill(prompt_mask, backbone.spec.mask_id)
-    both = backbone.logits(torch.cat([ids, uncond]), None if attn is None else torch.cat([attn, attn])).float()
-    cond, un = both.chunk(2)
+    attn2 = None if attn is None else torch.cat([attn, attn])
+    cond, un = backbone.logits(torch.cat([ids, uncond]), attn2, keep=keep).float().chunk(2)
     return un + (cfg_scale + 1) * (cond - un)
 
 
-def _pack(requests, order, width):
-    """Left-padded canvas [R, L] of prefix+target, attention mask and prefix mask."""
-    rows = [list(requests[i][0]) + list(requests[i][1]) for i in order]
-    L = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), L, dtype=torch.long)
+def pack(requests, order, pad_id: int, fill_id: int | None = None):
+    """Left-padded canvases [R, L] of prefix+continuation for `order`: ids, attention mask (None
+    without padding), prompt mask; the continuation replaced by `fill_id` when given."""
+    rows = [(list(requests[i][0]), list(requests[i][1])) for i in order]
+    L = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     attn = torch.zeros(len(rows), L, dtype=torch.long)
     prompt = torch.zeros(len(rows), L, dtype=torch.bool)
-    target = torch.zeros(len(rows), L, dtype=torch.bool)
-    for r, i in enumerate(order):
-        n, p = len(rows[r]), len(requests[i][0])
-        ids[r, L - n:] = torch.tensor(rows[r])
+    for r, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[r, L - n:] = torch.tensor(p + c)
         attn[r, L - n:] = 1
-        prompt[r, L - n:L - n + p] = True
-        target[r, L - n + p:] = True
-    return ids, attn, prompt, target
+        prompt[r, L - n:L - len(c)] = True
+        if fill_id is not None and c:
+            ids[r, L - len(c):] = fill_id
+    return ids, (None if bool(attn.all()) else attn), prompt
 
 
 def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32, seeds=None,
-                  cfg_scale: float = 0.0, check_greedy: bool = False, memory=None, progress=None):
+                  cfg_scale: float = 0.0, check_greedy: bool = False, memory=None, progress=None,
+                  stratum: int = 32) -> list[tuple[float, bool]]:
     """Score continuations.
 
     Args:
         backbone: a loaded `Backbone`.
         requests: list of (prefix token ids, continuation token ids); the prefix must be non-empty.
         mc_num: Monte Carlo samples per request.
-        batch_size: rows per forward; also the stratum size b = min(batch_size, mc_num).
-        seeds: one seed per request (default: its index).
+        batch_size: (request, sample) rows per forward (doubled under CFG); a speed knob only.
+        seeds: one seed per request (default: its index); request i draws only from `seeds[i]`.
         cfg_scale: classifier-free guidance (unconditional pass with the prefix masked).
-        check_greedy: also decide whether greedy unmasking reproduces the continuation.
-        memory: a `Memory` (begun on each forward group's contexts).
+        check_greedy: also decide whether greedy one-at-a-time unmasking reproduces the
+            continuation (LLaDA's `suffix_greedy_prediction`); False otherwise.
+        memory: a `Memory`, begun per forward on the distinct requests' prompts (continuation
+            masked) and expanded to the sample rows with `select`.
         progress: optional callable(n) or tqdm, advanced per finished request.
+        stratum: samples sharing one stratified draw of mask counts (the official batch_size).
 
     Returns:
         list of (log-likelihood estimate, is_greedy) in request order.
     """
+    for name, value in (("mc_num", mc_num), ("batch_size", batch_size), ("stratum", stratum)):
+        if int(value) < 1:
+            raise ValueError(f"{name}={value} must be >= 1.")
     if any(len(p) == 0 for p, _ in requests):
         raise ValueError("Every likelihood request needs a non-empty prefix (use a BOS/EOS token).")
-    memory = memory or NoMemory()
-    seeds = list(seeds) if seeds is not None else list(range(len(requests)))
-    b = max(1, min(batch_size, mc_num))
-    groups = max(1, math.ceil(mc_num / b))
-    per_forward = max(1, batch_size // b)
-    order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
-    out: list = [None] * len(requests)
-    for start in range(0, len(order), per_forward):
-        chunk = order[start:start + per_forward]
-        scores = _score_group(backbone, requests, chunk, seeds, b, groups, cfg_scale, memory)
-        greedy = _greedy_group(backbone, requests, chunk, cfg_scale, memory) if check_greedy else [False] * len(chunk)
-        for i, s, g in zip(chunk, scores, greedy):
-            out[i] = (s, g)
-        _advance(progress, len(chunk))
-    return out
+    seeds = _seeds(seeds, len(requests))
+    memory = memory if memory is not None else NoMemory()
+    greedy = [False] * len(requests)
+    if check_greedy:
+        greedy = greedy_check(backbone, requests, batch_size=batch_size, cfg_scale=cfg_scale, memory=memory)
+    scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
+                       lambda i: _advance(progress, 1))
+    return [(s, g) for s, g in zip(scores, greedy)]
+
+
+def _seeds(seeds, n: int) -> list[int]:
+    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != n:
+        raise ValueError(f"Got {len(seeds)} seeds for {n} requests; pass one per request.")
+    return seeds
 
 
 def _advance(progress, n):
-    if progress is None:
-        return
-    (progress.update if hasattr(progress, "update") else progress)(n)
+    if progress is not None:
+        (progress.update if hasattr(progress, "update") else progress)(n)
 
 
-def _score_group(backbone, requests, chunk, seeds, b, groups, cfg_scale, memory):
-    device = backbone.device
-    ids, attn, prompt, target = _pack(requests, chunk, None)
-    R, L = ids.shape
-    gens = [torch.Generator().manual_seed(int(seeds[i])) for i in chunk]
-    # rows of a forward: request r's b samples are rows r*b .. r*b+b-1 (same layout every forward)
-    layout = torch.arange(R).repeat_interleave(b)
-    ids_d, attn_d, prompt_d = ids.to(device), attn.to(device), prompt.to(device)
-    rows_attn = attn_d[layout] if bool((attn == 0).any()) else None
-    memory.begin(backbone, ids_d, attn_d, prompt_d, [int(seeds[i]) for i in chunk])
+def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done):
+    """-mean sample loss per request; `on_done(i)` once request i's last sample is scored."""
+    order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
+    totals = torch.zeros(len(requests), dtype=torch.float64, device=backbone.device)
+    rows = []  # (request, mask [T], ratio, is its last sample)
+    for i in order:
+        T = len(requests[i][1])
+        if T == 0:  # log p(empty continuation) = 0
+            on_done(i)
+            continue
+        masks, ratios = draw_samples(T, mc_num, stratum, torch.Generator().manual_seed(seeds[i]))
+        rows.extend((i, masks[s], ratios[s], s == mc_num - 1) for s in range(mc_num))
+        while len(rows) >= batch_size:
+            _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done)
+            rows = rows[batch_size:]
+    if rows:
+        _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done)
+    return (-(totals / mc_num)).tolist()
+
+
+def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done):
+    """One forward over sample rows: adds each row's `sum CE / ratio` to `totals[request]`."""
+    device, mask_id = backbone.device, backbone.spec.mask_id
+    reqs = list(dict.fromkeys(row[0] for row in rows))  # distinct requests, in row order
+    ids, attn, prompt = pack(requests, reqs, backbone.spec.eos_id)
+    L, T_max = ids.shape[1], max(len(requests[r][1]) for r in reqs)
+    layout = torch.tensor([reqs.index(row[0]) for row in rows])
+    noisy = ids[layout]
+    for j, (r, m, _, _) in enumerate(rows):
+        T = len(requests[r][1])
+        noisy[j, L - T:] = noisy[j, L - T:].masked_fill(m, mask_id)
+    ratio = torch.stack([row[2] for row in rows]).to(device)
+    noisy, layout = noisy.to(device), layout.to(device)
+    clean = ids.to(device)[layout][:, L - T_max:]
+    masked = (noisy == mask_id)[:, L - T_max:]
+    attn_d = None if attn is None else attn.to(device)
+    prompt = prompt.to(device)
+    _begin(memory, backbone, requests, reqs, attn_d, prompt, [seeds[r] for r in reqs])
     try:
-        memory.select(layout.to(device))
-        total = torch.zeros(R, dtype=torch.float64)
-        for g in range(groups):
-            noisy = ids[layout].clone()
-            ratio = torch.empty(R * b)
-            for r in range(R):
-                T = int(target[r].sum())
-                masks, ratios = stratified_masks(T, b, gens[r])
-                rows = slice(r * b, (r + 1) * b)
-                block = noisy[rows]
-                block[:, L - T:] = block[:, L - T:].masked_fill(masks, backbone.spec.mask_id)
-                noisy[rows] = block
-                ratio[rows] = ratios
-            noisy = noisy.to(device)
-            masked = noisy == backbone.spec.mask_id
-            info = StepInfo(step=g, mask_ratio=ratio.to(device), window=(0, L), input_ids=noisy, full=True)
-            memory.before_forward(info)
-            logits = _cfg_logits(backbone, noisy, rows_attn, prompt_d[layout], cfg_scale)
-            memory.after_forward(info)
-            ce = F.cross_entropy(logits[masked], ids_d[layout][masked], reduction="none")
-            row_of = masked.nonzero()[:, 0]
-            per_row = torch.zeros(R * b, device=device).index_add_(0, row_of, ce) / ratio.to(device)
-            total += per_row.view(R, b).sum(-1).double().cpu()
+        memory.select(layout)
+        logits = _step(backbone, memory, 0, noisy, None if attn_d is None else attn_d[layout], prompt[layout],
+                       ratio, cfg_scale, (L - T_max, L))
     finally:
         memory.end()
-    return (-(total / (groups * b))).tolist()
+    ce = F.cross_entropy(logits[masked], clean[masked], reduction="none")
+    per_row = torch.zeros(len(rows), device=device).index_add_(0, masked.nonzero()[:, 0], ce) / ratio
+    totals.index_add_(0, torch.tensor([row[0] for row in rows], device=device), per_row.double())
+    for r, _, _, last in rows:
+        if last:
+            on_done(r)
 
 
-def _greedy_group(backbone, requests, chunk, cfg_scale, memory):
-    """LLaDA's suffix_greedy_prediction: unmask the most confident position one at a time."""
-    device = backbone.device
-    ids, attn, prompt, target = _pack(requests, chunk, None)
-    mask_id = backbone.spec.mask_id
-    x = ids.masked_fill(target, mask_id).to(device)
-    attn_d = attn.to(device) if bool((attn == 0).any()) else None
-    prompt_d = prompt.to(device)
-    memory.begin(backbone, x, attn.to(device), prompt_d, None)
+def _begin(memory, backbone, requests, reqs, attn, prompt, seeds):
+    """Begin the memory on the requests' prompts with their continuations masked (it must not
+    see the tokens being scored). attn [R, L] or None, prompt [R, L]."""
+    begun = pack(requests, reqs, backbone.spec.eos_id, fill_id=backbone.spec.mask_id)[0].to(prompt.device)
+    memory.begin(backbone, begun, attn if attn is not None else torch.ones_like(begun), prompt, seeds)
+
+
+def _step(backbone, memory, step, ids, attn, prompt, ratio, cfg_scale, keep):
+    """One guided forward of rows ids [n, L] inside the memory hooks -> logits [n, keep_len, V]."""
+    info = StepInfo(step=step, mask_ratio=ratio, window=(0, ids.shape[1]), input_ids=ids, full=True)
+    memory.before_forward(info)
+    logits = guided_logits(backbone, ids, attn, prompt, cfg_scale, keep)
+    memory.after_forward(info)
+    return logits
+
+
+def greedy_check(backbone, requests, *, batch_size: int = 32, cfg_scale: float = 0.0, memory=None) -> list[bool]:
+    """LLaDA's `suffix_greedy_prediction`, batched over requests: starting from a fully masked
+    continuation, commit the single most confident position per step (argmax token, float32
+    softmax confidence); True when the result equals the continuation."""
+    memory = memory if memory is not None else NoMemory()
+    order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
+    out = [True] * len(requests)
+    for start in range(0, len(order), batch_size):
+        chunk = [i for i in order[start:start + batch_size] if requests[i][1]]
+        if chunk:
+            for i, ok in zip(chunk, _greedy_chunk(backbone, requests, chunk, cfg_scale, memory)):
+                out[i] = ok
+    return out
+
+
+def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
+    device, mask_id = backbone.device, backbone.spec.mask_id
+    clean, attn, prompt = pack(requests, chunk, backbone.spec.eos_id)
+    x = pack(requests, chunk, backbone.spec.eos_id, fill_id=mask_id)[0].to(device)
+    clean, prompt = clean.to(device), prompt.to(device)
+    attn = None if attn is None else attn.to(device)
+    L, T = x.shape[1], torch.tensor([len(requests[i][1]) for i in chunk], device=device)
+    T_max = int(T.max())
+    rows = torch.arange(len(chunk), device=device)
+    _begin(memory, backbone, requests, chunk, attn, prompt, None)
     try:
-        for step in range(int(target.sum(-1).max())):
-            masked = x == mask_id
-            if not bool(masked.any()):
-                break
-            ratio = masked.sum(-1).float() / target.sum(-1).clamp_min(1).to(device)
-            info = StepInfo(step=step, mask_ratio=ratio, window=(0, x.shape[1]), input_ids=x, full=True)
-            memory.before_forward(info)
-            logits = _cfg_logits(backbone, x, attn_d, prompt_d, cfg_scale)
-            memory.after_forward(info)
-            conf, pred = logits.softmax(-1).max(-1)
-            conf = conf.masked_fill(~masked, -1.0)
+        for step in range(T_max):  # one commit per step; shorter continuations finish early
+            masked = (x == mask_id)[:, L - T_max:]
+            ratio = masked.sum(-1).float() / T
+            logits = _step(backbone, memory, step, x, attn, prompt, ratio, cfg_scale, (L - T_max, L))
+            x0 = logits.argmax(-1)
+            conf = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
             pos = conf.argmax(-1)
-            rows = torch.arange(x.shape[0], device=device)
-            has = masked.any(-1)
-            x[rows[has], pos[has]] = pred[rows[has], pos[has]]
+            live = masked.any(-1)
+            x[rows[live], L - T_max + pos[live]] = x0[rows[live], pos[live]]
     finally:
         memory.end()
-    return [bool(torch.equal(x[r].cpu()[target[r]], ids[r][target[r]])) for r in range(len(chunk))]
+    return (x[:, L - T_max:] == clean[:, L - T_max:]).all(-1).tolist()
 
 
 def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int = 128, batch_size: int = 32,
-                          seeds=None, memory=None, progress=None):
-    """Log-likelihood of whole texts: disjoint windows of at most `max_length` tokens, each scored
-    given the previous tokens (lm-eval's rolling windows), summed per text."""
+                          seeds=None, memory=None, progress=None, stratum: int = 32) -> list[float]:
+    """Log-likelihood of whole texts: lm-eval's disjoint rolling windows of at most `max_length`
+    tokens, each scored given the tokens before it with the same estimator, summed per text.
+
+    Args:
+        backbone, mc_num, batch_size, memory, stratum: as for `loglikelihood`.
+        token_lists: the texts' token ids.
+        max_length: window length (context + predicted tokens).
+        seeds: one per text (default: its index); window w of text i uses a seed derived from both.
+        progress: optional callable(n) or tqdm, advanced per finished text.
+
+    Returns:
+        list of summed log-likelihood estimates, one per text.
+    """
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     spec = backbone.spec
     prefix_token = spec.bos_id if spec.bos_id is not None else spec.eos_id
-    seeds = list(seeds) if seeds is not None else list(range(len(token_lists)))
+    seeds = _seeds(seeds, len(token_lists))
     pairs, owner, pair_seeds = [], [], []
     for i, tokens in enumerate(token_lists):
         windows = get_rolling_token_windows(token_list=list(tokens), prefix_token=prefix_token,
@@ -189,11 +262,20 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
         for w, window in enumerate(map(make_disjoint_window, windows)):
             pairs.append(window)
             owner.append(i)
-            pair_seeds.append(int(seeds[i]) * 10_007 + w)
-    scores = loglikelihood(backbone, pairs, mc_num=mc_num, batch_size=batch_size, seeds=pair_seeds,
-                           memory=memory) if pairs else []
+            pair_seeds.append(seeds[i] * 10_007 + w)
+    left = [owner.count(i) for i in range(len(token_lists))]
+    for i, n in enumerate(left):
+        if n == 0:
+            _advance(progress, 1)
+
+    def window_done(j):
+        left[owner[j]] -= 1
+        if left[owner[j]] == 0:
+            _advance(progress, 1)
+
+    memory = memory if memory is not None else NoMemory()
+    scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, 0.0, memory, window_done)
     totals = [0.0] * len(token_lists)
-    for i, (s, _) in zip(owner, scores):
+    for i, s in zip(owner, scores):
         totals[i] += s
-    _advance(progress, len(token_lists))
     return totals

@@ -113,8 +113,9 @@ def topk_mask(confidence: torch.Tensor, k: int, spans=None) -> torch.Tensor:
     for row, (length, start) in enumerate(spans):
         full = confidence.new_full((length,), -torch.inf)
         full[start : start + n] = confidence[row]
-        index = torch.topk(full, k).indices - start
-        commit[row, index[(index >= 0) & (index < n)]] = True
+        chosen = torch.zeros(length, dtype=torch.bool, device=confidence.device)
+        chosen[torch.topk(full, k).indices] = True  # no data-dependent shapes: no host sync
+        commit[row] = chosen[start : start + n]
     return commit
 
 

@@ -102,12 +102,12 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    for label in dict.fromkeys(r["config"] for r in rows):
+    for i, label in enumerate(dict.fromkeys(r["config"] for r in rows)):
         mine = [r for r in rows if r["config"] == label]
-        x = [r["mask_ratio"] for r in mine]
-        ax1.plot(x, [r["ratio"] for r in mine], marker="o", label=label)
-        ax2.plot(x, [r["static_nll"] for r in mine], linestyle="--", marker=".", label=f"{label} static")
-        ax2.plot(x, [r["sequential_nll"] for r in mine], marker="o", label=f"{label} sequential")
+        x, color = [r["mask_ratio"] for r in mine], f"C{i}"  # one colour per configuration
+        ax1.plot(x, [r["ratio"] for r in mine], marker="o", color=color, label=label)
+        ax2.plot(x, [r["static_nll"] for r in mine], linestyle="--", marker=".", color=color, label=f"{label} static")
+        ax2.plot(x, [r["sequential_nll"] for r in mine], marker="o", color=color, label=f"{label} sequential")
     ax1.axhline(1.0, color="grey", linewidth=0.8)
     ax1.set(xlabel="mask ratio", ylabel="R_EB = L_seq / L_static", title="Exposure-bias ratio")
     ax2.set(xlabel="mask ratio", ylabel="NLL of masked response tokens", title="Static vs sequential NLL")

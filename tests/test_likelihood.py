@@ -118,3 +118,18 @@ def test_greedy_check_detects_the_models_own_continuation(bb):
     together = [g for _, g in loglikelihood(bb, mixed, mc_num=1, check_greedy=True, batch_size=8)]
     alone = [loglikelihood(bb, [m], mc_num=1, check_greedy=True)[0][1] for m in mixed]
     assert together == alone and together[3] is True
+
+
+@torch.inference_mode()
+def test_repeated_masks_are_forwarded_once(bb):
+    rows = []
+
+    class Count(Memory):
+        def before_forward(self, info):
+            rows.append(info.input_ids.shape[0])
+
+    prefix = bb.tokenizer.encode("The sky is")
+    (ll, _), = loglikelihood(bb, [(prefix, [5])], mc_num=64, memory=Count())
+    assert rows == [1]  # a one-token continuation has a single possible mask
+    x = torch.tensor(prefix + [bb.spec.mask_id])[None]
+    assert ll == pytest.approx(bb.logits(x)[0, -1].float().log_softmax(-1)[5].item(), rel=1e-5)

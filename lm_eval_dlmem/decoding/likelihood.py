@@ -11,7 +11,9 @@ Batching: every request's samples are drawn up front from its own generator (`se
 the official order (k, then one permutation per sample). The (request, sample) rows of all
 requests, length-sorted, are then packed into forwards of `batch_size` rows, so small `mc_num`
 (1 for MMLU-style tasks) still fills a forward and the results do not depend on batch size or
-request order. The LM head runs only over the continuation span (`keep`).
+request order. Samples of one request that drew the same mask are forwarded once and weighted
+by their count (the estimate is unchanged; a one-token continuation needs a single row whatever
+`mc_num` is). The LM head runs only over the continuation span (`keep`).
 
 Shapes: n rows in a forward, R distinct requests among them, L padded length, T continuation
 length (T_max the longest in the forward), V vocabulary.
@@ -128,17 +130,22 @@ def _advance(progress, n):
 
 
 def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done):
-    """-mean sample loss per request; `on_done(i)` once request i's last sample is scored."""
+    """-mean sample loss per request; `on_done(i)` once request i's last row is scored."""
     order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
     totals = torch.zeros(len(requests), dtype=torch.float64, device=backbone.device)
-    rows = []  # (request, mask [T], ratio, is its last sample)
+    rows = []  # (request, mask [T], ratio, multiplicity, is its last row)
     for i in order:
         T = len(requests[i][1])
         if T == 0:  # log p(empty continuation) = 0
             on_done(i)
             continue
-        masks, ratios = draw_samples(T, mc_num, stratum, torch.Generator().manual_seed(seeds[i]))
-        rows.extend((i, masks[s], ratios[s], s == mc_num - 1) for s in range(mc_num))
+        masks, _ = draw_samples(T, mc_num, stratum, torch.Generator().manual_seed(seeds[i]))
+        # Samples with the same mask give the same loss: forward each distinct mask once and
+        # weight it by its multiplicity (exact; short continuations repeat a lot: T=1 has one).
+        patterns, counts = torch.unique(masks, dim=0, return_counts=True)
+        ratios = patterns.sum(-1) / T
+        n = len(patterns)
+        rows.extend((i, patterns[s], ratios[s], counts[s], s == n - 1) for s in range(n))
         while len(rows) >= batch_size:
             _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done)
             rows = rows[batch_size:]
@@ -155,7 +162,7 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
     L, T_max = ids.shape[1], max(len(requests[r][1]) for r in reqs)
     layout = torch.tensor([reqs.index(row[0]) for row in rows])
     noisy = ids[layout]
-    for j, (r, m, _, _) in enumerate(rows):
+    for j, (r, m, _, _, _) in enumerate(rows):
         T = len(requests[r][1])
         noisy[j, L - T:] = noisy[j, L - T:].masked_fill(m, mask_id)
     ratio = torch.stack([row[2] for row in rows]).to(device)
@@ -173,8 +180,9 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
         memory.end()
     ce = F.cross_entropy(logits[masked], clean[masked], reduction="none")
     per_row = torch.zeros(len(rows), device=device).index_add_(0, masked.nonzero()[:, 0], ce) / ratio
+    per_row = per_row * torch.stack([row[3] for row in rows]).to(device)
     totals.index_add_(0, torch.tensor([row[0] for row in rows], device=device), per_row.double())
-    for r, _, _, last in rows:
+    for r, _, _, _, last in rows:
         if last:
             on_done(r)
 

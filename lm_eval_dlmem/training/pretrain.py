@@ -34,24 +34,37 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MODES = ("pretrain", "sft")
+MODES = ("pretrain", "sft", "mixed")
 
 
 @dataclass
 class MaskConfig:
     """Args:
-        mode: `pretrain` (mask any token) or `sft` (never mask the prompt).
+        mode: `pretrain` (mask any token), `sft` (never mask the prompt), or `mixed`: each row
+            is a pretrain row with probability `pretrain_fraction`, else an SFT row. Pretrain
+            rows give a loss on every token (repeated haystack text teaches copying), SFT rows
+            the exact answer-after-prompt task.
         eps: smallest mask probability; t ~ U(eps, 1).
+        pretrain_fraction: share of pretrain rows in `mixed` mode.
     """
 
     mode: str = "sft"
     eps: float = 1e-3
+    pretrain_fraction: float = 0.5
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}; choose one of {MODES}.")
         if not 0.0 < self.eps < 1.0:
             raise ValueError(f"eps={self.eps} must be in (0, 1).")
+        if not 0.0 <= self.pretrain_fraction <= 1.0:
+            raise ValueError(f"pretrain_fraction={self.pretrain_fraction} must be in [0, 1].")
+
+    def pretrain_rows(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """[B] bool: rows whose prompt may be masked."""
+        if self.mode != "mixed":
+            return torch.full((batch,), self.mode == "pretrain")
+        return torch.rand(batch, generator=generator) < self.pretrain_fraction
 
 
 def sample_t(batch: int, eps: float, generator: torch.Generator) -> torch.Tensor:
@@ -75,9 +88,8 @@ def mdlm_loss(model, batch: dict, cfg: MaskConfig, mask_id: int, generator: torc
     """
     x0 = batch["input_ids"]
     B, L = x0.shape
-    eligible = torch.ones_like(x0, dtype=torch.bool)
-    if cfg.mode == "sft":
-        eligible &= ~batch["prompt_mask"]
+    free = cfg.pretrain_rows(B, generator).to(x0.device)  # rows whose prompt may be masked
+    eligible = ~batch["prompt_mask"] | free[:, None]
     t = sample_t(B, cfg.eps, generator).to(x0.device)
     masked = (torch.rand(B, L, generator=generator).to(x0.device) < t[:, None]) & eligible
     xt = torch.where(masked, mask_id, x0)
@@ -97,22 +109,25 @@ def heldout_metrics(model, batches: list[dict], mask_id: int, seed: int = 1234) 
     `nll`: the SFT masked NLL (the MDLM loss above, averaged over batches, with fixed masks).
     `answer_acc`: one-shot accuracy: the whole response is masked, one forward, argmax; a row
     counts when every answer token (the response before its EOS padding) is right. Per task too.
+    `token_acc`: the share of answer tokens right in that one-shot prediction (a smoother signal).
     """
     g = torch.Generator().manual_seed(seed)
     cfg = MaskConfig("sft")
-    nll, hits = [], {}
+    nll, hits, right, total = [], {}, 0, 0
     for batch in batches:
         nll.append(float(mdlm_loss(model, batch, cfg, mask_id, g)[0]))
         resp = ~batch["prompt_mask"]
         xt = torch.where(resp, mask_id, batch["input_ids"])
-        pred = model(input_ids=xt).logits.argmax(-1)
-        ok = ((pred == batch["input_ids"]) | ~batch["answer_mask"]).all(1)
+        correct = model(input_ids=xt).logits.argmax(-1) == batch["input_ids"]
+        right += int((correct & batch["answer_mask"]).sum())
+        total += int(batch["answer_mask"].sum())
+        ok = (correct | ~batch["answer_mask"]).all(1)
         for task, good in zip(batch["tasks"], ok.tolist()):
             hits.setdefault(task, []).append(good)
     per_task = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     every = [x for v in hits.values() for x in v]
     return {"nll": sum(nll) / max(1, len(nll)), "answer_acc": sum(every) / max(1, len(every)),
-            "per_task": per_task}
+            "token_acc": right / max(1, total), "per_task": per_task}
 
 
 def collate(examples: list[dict], length: int, pad_id: int) -> dict:
@@ -137,9 +152,11 @@ def collate(examples: list[dict], length: int, pad_id: int) -> dict:
 
 
 class SyntheticBatches:
-    """Batch i: one target length drawn in [min, max], about `batch_tokens // length` rows of the
-    synthetic mix, each row padded to the length plus `gen_pad` EOS tokens (the generation
-    region after the answer). Deterministic in (seed, i)."""
+    """Batch i: one task (drawn by weight) and one target length in [min, max]; rows are built
+    to the length and padded to the longest row plus up to `gen_pad` EOS tokens (the generation
+    region after the answer); about `batch_tokens` tokens in all. One task per batch keeps the
+    padding small: tasks with a long fixed prompt (BABILong's examples, vt's example) never
+    stretch a batch of short needle rows. Deterministic in (seed, i)."""
 
     def __init__(self, cfg, tokenizer, batch_tokens: int, gen_pad: int, pad_id: int):
         self.cfg, self.tok, self.batch_tokens, self.gen_pad, self.pad_id = cfg, tokenizer, batch_tokens, gen_pad, pad_id
@@ -148,13 +165,15 @@ class SyntheticBatches:
         from .synthetic import build_example
 
         rng = random.Random(f"batch/{self.cfg.seed}/{i}")
-        target = rng.randint(self.cfg.min_tokens, self.cfg.max_tokens)
-        rows = max(1, self.batch_tokens // (target + self.gen_pad))
         names = sorted(self.cfg.tasks)
-        weights = [self.cfg.tasks[n] for n in names]
-        examples = [build_example(rng.choices(names, weights)[0], i * 1000 + r, target, self.tok, self.cfg.seed)
-                    for r in range(rows)]
-        return collate(examples, target + self.gen_pad, self.pad_id)
+        task = rng.choices(names, [self.cfg.tasks[n] for n in names])[0]
+        target = rng.randint(self.cfg.min_tokens, self.cfg.max_tokens)
+        pad = rng.randint(0, self.gen_pad)
+        first = build_example(task, i * 1000, target, self.tok, self.cfg.seed)
+        length = len(first["input_ids"]) + pad  # the task's minimum may exceed the target
+        rows = [first] + [build_example(task, i * 1000 + r, target, self.tok, self.cfg.seed)
+                          for r in range(1, max(1, self.batch_tokens // length))]
+        return collate(rows, max(len(r["input_ids"]) for r in rows) + pad, self.pad_id)
 
 
 class PairBatches:
@@ -193,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rope-theta", type=float, default=10000.0, help="RoPE base of a new model")
     p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary (default: tokenizer size rounded up to 64)")
     # objective
-    p.add_argument("--mode", choices=MODES, default="sft", help="pretrain: mask any token; sft: never mask the prompt")
+    p.add_argument("--mode", choices=MODES, default="sft",
+                   help="pretrain: mask any token; sft: never mask the prompt; mixed: a share of pretrain rows")
+    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="share of pretrain rows in --mode mixed")
     p.add_argument("--eps", type=float, default=1e-3, help="smallest mask probability")
     # data
     p.add_argument("--data", default="synthetic", help="`synthetic`, or a .jsonl/.json file / hub id of prompt/response pairs")
@@ -339,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..backbones.spec import LLADA
 
     args = build_parser().parse_args(argv)
-    cfg = MaskConfig(args.mode, args.eps)
+    cfg = MaskConfig(args.mode, args.eps, args.pretrain_fraction)
     model, tokenizer, optimizer, scheduler, step = setup(args)
     spec = LLADA.resolve(tokenizer)
     batches, evals = make_data(args, tokenizer, spec.eos_id)
@@ -368,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                               "cpu_s": round(time.process_time() - cpu_start, 1)}) + "\n")
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             m = evaluate()
-            bar.write(f"step {step}: held-out nll {m['nll']:.3f}, one-shot answer acc {m['answer_acc']:.2f}")
+            bar.write(f"step {step}: held-out nll {m['nll']:.3f}, one-shot answer acc {m['answer_acc']:.2f}, "
+                      f"answer token acc {m['token_acc']:.2f}")
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save(os.path.join(args.output_dir, f"checkpoint-{step}"), model, tokenizer, optimizer, scheduler, step, args)
     bar.close()

@@ -126,19 +126,11 @@ def make_vt(rng: random.Random, units: int) -> tuple[str, str]:
 
 
 def babilong_answer(task: str, story: babi.Story) -> str:
-    """The answer in the format of BABILong's in-prompt examples ("Answer: The most recent
-    location of Mary is kitchen."), which `compare_answers` scores by the one label it names."""
-    q = story.question.rstrip("?")
-    if task == "qa1":  # Where is PERSON
-        sentence = f"The most recent location of {q.split()[-1]} is {story.answer}."
-    elif task == "qa2":  # Where is the OBJECT
-        sentence = f"The {q.split()[-1]} is in the {story.answer}."
-    elif task == "qa3":  # Where was the OBJECT before the PLACE
-        words = q.split()
-        sentence = f"Before the {words[-1]} the {words[3]} was in the {story.answer}."
-    else:
-        sentence = story.answer
-    return "\nAnswer: " + sentence
+    """The answer as the bare label (" kitchen."): BABILong's `compare_answers` scores the one
+    label named in the first sentence, and a two-token answer is what a model this small can
+    learn to place; the long form the prompt asks for ("The most recent location of Mary is
+    kitchen.") scores the same."""
+    return f" {story.answer}."
 
 
 def make_babilong(task: str, rng: random.Random, units: int) -> tuple[str, str]:

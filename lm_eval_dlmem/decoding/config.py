@@ -22,7 +22,9 @@ class DecodeConfig:
             `dream` with block_length == gen_length reproduces `diffusion_generate`.
         strategy: `llada` (fixed commit count per step, `remasking`), `dream` (`alg`,
             `alg_temp`, `eps`, top_p/top_k), or `threshold` (Fast-dLLM: commit every masked
-            position of the block whose confidence is >= `threshold`, at least one per step).
+            position of the block whose confidence is >= `threshold`, and at least the LLaDA
+            schedule's count (>= 1) per step, so a block never takes more than its share of
+            `steps`; with steps == gen_length this is exactly "at least one per step").
         remasking: LLaDA confidence: `low_confidence` (probability of the argmax) or `random`.
         alg / alg_temp / eps: Dream's confidence (`origin`, `maskgit_plus`, `topk_margin`,
             `entropy`), position-sampling temperature, and final timestep.

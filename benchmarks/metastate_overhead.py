@@ -75,7 +75,7 @@ def child(args) -> dict:
     `frozen` / `metastate`: one warm-up and one measured decode; report the peak memory."""
     from lm_eval_dlmem.backbones import load_backbone
     from lm_eval_dlmem.decoding.config import DecodeConfig
-    from lm_eval_dlmem.decoding.generate import generate
+    from lm_eval_dlmem.decoding.engine import generate
     from lm_eval_dlmem.memory import MetaState, NoMemory
 
     torch.set_num_threads(args.threads)

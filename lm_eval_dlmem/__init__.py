@@ -12,7 +12,7 @@ _LAZY = {
     "Backbone": "lm_eval_dlmem.backbones.loading",
     "FamilySpec": "lm_eval_dlmem.backbones.spec",
     "DecodeConfig": "lm_eval_dlmem.decoding.config",
-    "generate": "lm_eval_dlmem.decoding.generate",
+    "generate": "lm_eval_dlmem.decoding.engine",
     "make_tiny_checkpoint": "lm_eval_dlmem.testing",
 }
 

@@ -248,7 +248,7 @@ class DlmLM(TemplateLM):
         return truncate_tokens(ids, budget, side=self.args.truncation_side)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .decoding.generate import generate
+        from .decoding.engine import generate
 
         if not requests:
             return []

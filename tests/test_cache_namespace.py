@@ -18,7 +18,7 @@ def quick_lm_eval(monkeypatch):
 def decoded(monkeypatch):
     """Rows that reached the decoding engine since the fixture was made: generation rows and
     scored (context, continuation) pairs."""
-    import lm_eval_dlmem.decoding.generate as gen
+    import lm_eval_dlmem.decoding.engine as gen
     import lm_eval_dlmem.decoding.likelihood as lik
 
     counts = {"rows": 0, "pairs": 0}

@@ -8,7 +8,7 @@ import torch
 
 from lm_eval_dlmem import load_backbone
 from lm_eval_dlmem.decoding.config import DecodeConfig
-from lm_eval_dlmem.decoding.generate import generate
+from lm_eval_dlmem.decoding.engine import generate
 from lm_eval_dlmem.decoding.schedule import dream_transfer_counts, llada_transfer_counts
 from lm_eval_dlmem.memory.base import Memory
 

@@ -6,7 +6,7 @@ import torch
 
 from lm_eval_dlmem.backbones import load_backbone
 from lm_eval_dlmem.decoding.config import DecodeConfig
-from lm_eval_dlmem.decoding.generate import generate
+from lm_eval_dlmem.decoding.engine import generate
 from lm_eval_dlmem.memory import MetaState, NoMemory
 
 SMALL = dict(slots=4, width=32, heads=4)

@@ -34,7 +34,7 @@ def gen_requests(prompts, gen_kwargs=GEN):
 @pytest.fixture
 def spy_generate(monkeypatch):
     """Record the prompt batches reaching the decoding engine; optionally fail on call N."""
-    import lm_eval_dlmem.decoding.generate as gen
+    import lm_eval_dlmem.decoding.engine as gen
 
     calls, real = {"shapes": [], "fail_on": None}, gen.generate
 

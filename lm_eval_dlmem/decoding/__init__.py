@@ -2,7 +2,7 @@
 cache modes, and the Monte Carlo likelihood (`loglikelihood`, `loglikelihood_rolling`)."""
 
 from .config import DecodeConfig
-from .generate import generate
+from .engine import generate
 from .likelihood import loglikelihood, loglikelihood_rolling
 
 __all__ = ["DecodeConfig", "generate", "loglikelihood", "loglikelihood_rolling"]

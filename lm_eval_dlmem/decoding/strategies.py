@@ -69,13 +69,13 @@ class RowRandom:
     def categorical(self, probs: torch.Tensor) -> torch.Tensor:
         """One token per position from probs [B, n, V] -> [B, n]."""
         return torch.stack(
-            [torch.multinomial(p, 1, generator=g).squeeze(-1) for p, g in zip(probs, self.generators)]
+            [torch.multinomial(p.float(), 1, generator=g).squeeze(-1) for p, g in zip(probs, self.generators)]
         )
 
     def choose(self, weights: torch.Tensor, k: int) -> torch.Tensor:
         """k distinct positions per row, drawn with probability `weights` [B, n] -> [B, k]."""
         return torch.stack(
-            [torch.multinomial(w, k, generator=g) for w, g in zip(weights, self.generators)]
+            [torch.multinomial(w.float(), k, generator=g) for w, g in zip(weights, self.generators)]
         )
 
 

@@ -1,6 +1,8 @@
 """`lm-eval-dlmem`: the project's command line.
 
-    lm-eval-dlmem demo                      run the embedded tiny default through lm-eval, offline
+    lm-eval-dlmem demo                      frozen vs MetaState vs MemDLM on the shipped tiny default
+                                            (short RULER/BABILong through lm-eval, offline, CPU)
+    lm-eval-dlmem demo --random             the one-minute smoke run: a random tiny LLaDA, demo tasks
     lm-eval-dlmem eval ARGS...              `lm_eval ARGS...` with our models and tasks registered
     lm-eval-dlmem make-tiny FAMILY PATH     write a tiny official-format checkpoint
     lm-eval-dlmem tasks-path                print the directory to pass to --include_path
@@ -82,9 +84,13 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_demo(argv: list[str]) -> int:
-    from .demo import main as demo_main
+    if "--random" in argv:
+        from .demo import main as demo_main
 
-    return demo_main(argv)
+        return demo_main([a for a in argv if a != "--random"])
+    from .demo_compare import main as compare_main
+
+    return compare_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The main job on the embedded tiny default: an offline lm-eval run on CPU in about a minute.
+"""`lm-eval-dlmem demo --random`: the one-minute smoke run, offline, on CPU.
 
 It writes a tiny LLaDA-format checkpoint (random weights) into the user cache once, evaluates it
 on the two demo tasks through lm-eval's own `simple_evaluate`, and prints lm-eval's results table.
@@ -23,7 +23,7 @@ def demo_checkpoint(family: str = "llada") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="lm-eval-dlmem demo", description=__doc__)
+    p = argparse.ArgumentParser(prog="lm-eval-dlmem demo --random", description=__doc__)
     p.add_argument("--model", default="metastate-llada", help="registered model name")
     p.add_argument("--tasks", default="dlmem_demo_gen,dlmem_demo_mc", help="comma-separated task names")
     p.add_argument("--limit", type=int, default=None, help="documents per task")

@@ -1,0 +1,87 @@
+"""The checkpoints shipped in the package: names resolve offline, load, stay small, and the
+MetaState / MemDLM ones fit the base."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from lm_eval_dlmem.embedded import EMBEDDED_DIR, NAMES, resolve_embedded
+
+
+def test_names_resolve_to_package_directories():
+    for name in NAMES:
+        path = resolve_embedded(name)
+        assert path == os.path.join(EMBEDDED_DIR, name) and os.path.isdir(path)
+    assert resolve_embedded("GSAI-ML/LLaDA-8B-Instruct") is None
+    assert resolve_embedded(None) is None
+    assert resolve_embedded("tiny-llada-nope") is None
+
+
+def test_shipped_files_are_small_safetensors_and_json():
+    total = 0
+    for name in NAMES:
+        for f in os.listdir(os.path.join(EMBEDDED_DIR, name)):
+            assert f.endswith((".safetensors", ".json", ".jinja")), f"{name}/{f} is not safetensors/JSON"
+            total += os.path.getsize(os.path.join(EMBEDDED_DIR, name, f))
+    assert total < 8 * 2**20, f"embedded checkpoints take {total / 2**20:.1f} MiB"
+
+
+def test_base_loads_offline_in_float32(monkeypatch):
+    from lm_eval_dlmem.backbones.loading import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = load_backbone("tiny-llada")
+    assert backbone.family == "llada" and next(backbone.model.parameters()).dtype == torch.float32
+    assert backbone.tokenizer.convert_ids_to_tokens(backbone.spec.mask_id) == "<|mdm_mask|>"
+    ids = backbone.tokenizer("The grass is green.", return_tensors="pt")["input_ids"]
+    assert backbone.logits(ids).shape == (1, ids.shape[1], backbone.config.vocab_size)
+
+
+def test_memories_load_onto_the_base(monkeypatch):
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.memory.adapters import apply_adapter
+    from lm_eval_dlmem.memory.metastate import load_memory_for
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = load_backbone("tiny-llada")
+    memory = load_memory_for("tiny-llada-metastate", backbone)
+    assert type(memory).__name__ == "MetaState" and memory.hidden_size == backbone.config.hidden_size
+    adapted = apply_adapter(backbone, "tiny-llada-memdlm")
+    with open(os.path.join(EMBEDDED_DIR, "tiny-llada-memdlm", "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == "tiny-llada"
+    assert any("lora_A" in n for n, _ in adapted.model.named_parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_local_directory_wins_over_the_embedded_name(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(name)
+    assert resolve_embedded(name) is None
+
+
+def test_demo_prints_frozen_metastate_memdlm_table(tmp_path, capsys):
+    """The README's main job, cut to one short task and two documents."""
+    from lm_eval_dlmem.demo_compare import main
+
+    out = tmp_path / "runs"
+    assert main(["--tasks", "dlmem_babilong_qa1_0k", "--limit", "2", "--batch-size", "2",
+                 "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for variant in ("frozen", "metastate", "memdlm"):
+        assert variant in printed and (out / variant / "results.json").is_file()
+    assert "dlmem_babilong_qa1_0k" in printed
+
+
+def test_demo_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
+    import lm_eval_dlmem.embedded as embedded
+    from lm_eval_dlmem.demo_compare import main
+
+    monkeypatch.setattr(embedded, "EMBEDDED_DIR", str(tmp_path))
+    assert main(["--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "tiny-llada" in err and "train tiny-default" in err
+    assert not (tmp_path / "runs").exists()

@@ -85,3 +85,35 @@ def test_demo_names_a_missing_checkpoint(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "tiny-llada" in err and "train tiny-default" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_export_writes_bf16_safetensors_json_and_relative_paths(tmp_path):
+    """`train tiny-default`'s export stage: weights in bfloat16, configs that load as float32,
+    no trainer state or model card, run-directory paths made relative."""
+    from safetensors.torch import load_file
+
+    from lm_eval_dlmem.testing import make_tiny_checkpoint
+    from lm_eval_dlmem.training.tiny_default import export
+
+    run = tmp_path / "run"
+    make_tiny_checkpoint("llada", run / "base")
+    memdlm = run / "memdlm"
+    memdlm.mkdir()
+    (memdlm / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(run / "base")}))
+    (memdlm / "memdlm_training.json").write_text(json.dumps({"backbone": str(run / "base"), "lr": 2e-3,
+                                                             "elsewhere": "/data/x.jsonl"}))
+    (memdlm / "adapter_model.safetensors").write_bytes((run / "base" / "model.safetensors").read_bytes())
+    (memdlm / "README.md").write_text("card")
+    (memdlm / "trainer_state.pt").write_bytes(b"x")
+    export(str(run), str(tmp_path / "out"))
+
+    base = tmp_path / "out" / "tiny-llada"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(base / "model.safetensors").values())
+    assert json.loads((base / "config.json").read_text())["dtype"] == "float32"
+    mem = tmp_path / "out" / "tiny-llada-memdlm"
+    assert sorted(p.name for p in mem.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                     "memdlm_training.json"]
+    assert json.loads((mem / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-llada"
+    record = json.loads((mem / "memdlm_training.json").read_text())
+    assert record == {"backbone": os.path.join("RUN", "base"), "lr": 2e-3, "elsewhere": "/data/x.jsonl"}
+    assert not (tmp_path / "out" / "tiny-llada-metastate").exists()

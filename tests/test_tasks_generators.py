@@ -293,3 +293,13 @@ def test_hub_rows_are_read_like_local_files(fake_hub, tok_path):
                                                         "answers": ["A budget."], "length": 9, "all_classes": None}]
     row = longbench.load("qmsum")["test"][0]
     assert row["input"] == "What was decided?" and row["prompt"].endswith("Query: What was decided?\nAnswer:")
+
+
+def test_vt_chain_names_are_distinct_when_the_draw_repeats_one():
+    """Seed 35 draws 'OTT' twice among the in-context example's five names."""
+    from lm_eval_dlmem.tasks.ruler_synthetic import _chains, vt_example
+
+    groups, chains = _chains(random.Random(35), icl=True)
+    assert len(groups) == 1 and len(groups[0]) == 5 and len(set(groups[0])) == 5
+    assert len(chains[0]) == 5
+    assert "VAR" in vt_example(random.Random(35), 30)

@@ -53,6 +53,9 @@ def _chains(rng: random.Random, icl: bool) -> tuple[list[list[str]], list[list[s
     names = ["".join(rng.choices(string.ascii_uppercase, k=k)) for _ in range(need)]
     while len(set(names)) < need:
         names.append("".join(rng.choices(string.ascii_uppercase, k=k)))
+    # a repeated name is drawn again, as upstream does; keeping the repeat (upstream) would leave a
+    # short last group and a chain that reuses a variable
+    names = list(dict.fromkeys(names))
     groups, chains = [], []
     for i in range(0, len(names), hops + 1):
         group = names[i:i + hops + 1]

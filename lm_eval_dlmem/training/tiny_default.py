@@ -45,7 +45,7 @@ def base_commands(out: str, seed: int, threads: int | None) -> list[list[str]]:
     short = ["--output-dir", os.path.join(out, "base_short"), "--tokenizer", os.path.join(out, "tokenizer"),
              "--d-model", "128", "--layers", "4", "--heads", "4", "--mlp-hidden", "256",
              "--min-tokens", "64", "--max-tokens", "256", "--batch-tokens", "2048", "--data-seed", str(seed),
-             "--max-steps", "1500", "--eval-every", "250", "--save-every", "250", "--eval-tokens", "256",
+             "--max-steps", "5000", "--eval-every", "500", "--save-every", "500", "--eval-tokens", "256",
              "--lr", "3e-3", "--warmup-steps", "30"]
     full = ["--output-dir", os.path.join(out, "base"), "--init-from", os.path.join(out, "base_short"),
             "--min-tokens", "256", "--max-tokens", "1024", "--batch-tokens", "4096", "--data-seed", str(seed + 1),
@@ -112,6 +112,14 @@ def _to_bf16(src: str, dst: str) -> None:
               metadata={"format": "pt"})
 
 
+def _relative(value, out: str):
+    """A path inside the run directory as `RUN/...`; anything else unchanged."""
+    root = os.path.abspath(out)
+    if isinstance(value, str) and os.path.isabs(value) and os.path.commonpath([root, value]) == root:
+        return os.path.join("RUN", os.path.relpath(value, root))
+    return value
+
+
 def export(out: str, dest: str) -> None:
     """OUT/{base,metastate,memdlm} -> DEST/tiny-llada{,-metastate,-memdlm}, weights in bfloat16.
 
@@ -136,10 +144,13 @@ def export(out: str, dest: str) -> None:
                 config["dtype"] = "float32"
                 with open(os.path.join(dst, f), "w") as fh:
                     json.dump(config, fh, indent=2, sort_keys=True)
-            elif f == "adapter_config.json":
+            elif f.endswith(".json"):
                 with open(path) as fh:
                     config = json.load(fh)
-                config["base_model_name_or_path"] = "tiny-llada"
+                if f == "adapter_config.json":
+                    config["base_model_name_or_path"] = "tiny-llada"
+                if isinstance(config, dict):  # run-directory paths (training records) become relative
+                    config = {k: _relative(v, out) for k, v in config.items()}
                 with open(os.path.join(dst, f), "w") as fh:
                     json.dump(config, fh, indent=2, sort_keys=True)
             else:

@@ -47,8 +47,10 @@ def memdlm_adapter(tiny_ckpts, toy_data, tmp_path_factory):
 
 def test_bilevel_training_logs_inner_and_outer_losses_and_saves_a_peft_adapter(memdlm_adapter):
     out, log = memdlm_adapter
-    assert [row["step"] for row in log] == [1, 2, 3]
-    assert all(len(row["inner"]) == 2 and row["loss"] > 0 for row in log)
+    assert [row["step"] for row in log] == [0, 1, 2, 3]
+    # step 0: the frozen baseline (the LoRA starts at B = 0), before any update
+    assert log[0]["eval_frozen_nll"] > 0 and "eval_frozen_nll_adapted" in log[0] and "loss" not in log[0]
+    assert all(len(row["inner"]) == 2 and row["loss"] > 0 for row in log[1:])
     assert "eval_nll_adapted" in log[-1] and log[-1]["eval_nll"] > 0
     assert os.path.isfile(out / "adapter_model.safetensors") and os.path.isdir(out / "checkpoint-2")
     settings = json.load(open(out / "memdlm_training.json"))
@@ -63,12 +65,13 @@ def test_resume_continues_from_the_checkpoint(memdlm_adapter, tiny_ckpts, toy_da
     rows = train(tiny_ckpts["llada_moe"], toy_data, resumed, "--max-steps", "3", "--resume", "latest",
                  "--inner-layer-fraction", "0.5")
     assert [row["step"] for row in rows] == [3]
-    assert rows[0]["loss"] == pytest.approx(log[2]["loss"], rel=1e-4)  # same batch, masks and weights
+    assert rows[0]["loss"] == pytest.approx(log[3]["loss"], rel=1e-4)  # same batch, masks and weights
 
 
 def test_baseline_trains_plain_mdlm(tiny_ckpts, toy_data, tmp_path):
     rows = train(tiny_ckpts["llada"], toy_data, tmp_path / "std", "--max-steps", "1", "--baseline")
-    assert rows[0]["inner"] == [] and "eval_nll_adapted" not in rows[0]
+    assert rows[0]["step"] == 0 and "eval_frozen_nll_adapted" not in rows[0]
+    assert rows[1]["inner"] == [] and "eval_nll_adapted" not in rows[1]
 
 
 def test_three_modes_one_argument_apart(memdlm_adapter, tiny_ckpts):

@@ -331,6 +331,14 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     log = open(os.path.join(args.output_dir, "log.jsonl"), "a") if main_proc else None
     bar = tqdm(total=run.total, initial=run.step, disable=not main_proc, desc="memdlm" if run.memory else "mdlm")
+    if main_proc and run.step == 0 and run.held:
+        # the outer LoRA starts at B = 0: step 0's held-out NLL is the frozen base's, the baseline
+        row = {"step": 0, **{f"eval_frozen{k[len('eval'):]}" if k.startswith("eval") else k: v
+                             for k, v in run.evaluate().items()}}
+        bar.write(" ".join(f"{k}={v:.4f}" for k, v in row.items() if k.startswith("eval")) + " at step 0")
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
     while run.step < run.total:
         loss, inner = run.optimizer_step()
         row = {"step": run.step, "loss": loss, "inner": inner, "lr": run.scheduler.get_last_lr()[0]}

@@ -320,8 +320,13 @@ def markdown(res: dict) -> str:
     lines += ["", f"Token agreement with reference-style on the demo task (8 prompts, {a['gen_length']} tokens, "
               f"block {a['block_length']}; first {a['scored']} = the task's max_gen_toks):", "",
               "| mode | first tokens | all tokens |", "|---|---:|---:|"]
+    trained = a.get("trained", {})
+    lines[-2:] = ["| mode | first tokens | all tokens | first tokens, trained `tiny-llada` | all tokens, trained `tiny-llada` |",
+                  "|---|---:|---:|---:|---:|"]
     for name, v in a["agreement"].items():
-        lines.append(f"| {name} | {v['first']:.3f} | {v['all']:.3f} |")
+        t = trained.get(name)
+        extra = f" {t['first']:.3f} | {t['all']:.3f} |" if t else " | |"
+        lines.append(f"| {name} | {v['first']:.3f} | {v['all']:.3f} |{extra}")
     lines += ["", "Likelihood requests/s (demo choices: the demo multiple-choice task's (context, choice) "
               "requests; long continuations: (question, fact sentence) pairs):", "",
               "| requests | continuation tokens | mc_num | how | requests/s | batched speedup over it |",
@@ -374,6 +379,9 @@ def main(argv=None) -> int:
                   f"({r['forwards']} forwards, {r['cpu_s']:.1f} s CPU)", flush=True)
         agreement = in_child(pool, run_agreement, dict(model=model, threads=args.threads, gen_length=32,
                                                  block_length=32, scored=8))
+        # the same on the shipped trained tiny LLaDA, where confidences are not those of random weights
+        agreement["trained"] = in_child(pool, run_agreement, dict(model="tiny-llada", threads=args.threads,
+                                                            gen_length=32, block_length=32, scored=8))["agreement"]
         likelihood = in_child(pool, run_likelihood, likelihood_cases(args, model))
     res = summarize(decode, agreement, likelihood, args)
     res["total_wall_s"] = time.perf_counter() - start

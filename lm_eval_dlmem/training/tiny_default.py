@@ -45,7 +45,7 @@ def base_commands(out: str, seed: int, threads: int | None) -> list[list[str]]:
     short = ["--output-dir", os.path.join(out, "base_short"), "--tokenizer", os.path.join(out, "tokenizer"),
              "--d-model", "128", "--layers", "4", "--heads", "4", "--mlp-hidden", "256",
              "--min-tokens", "64", "--max-tokens", "256", "--batch-tokens", "2048", "--data-seed", str(seed),
-             "--max-steps", "5000", "--eval-every", "500", "--save-every", "500", "--eval-tokens", "256",
+             "--max-steps", "1500", "--eval-every", "250", "--save-every", "250", "--eval-tokens", "256",
              "--lr", "3e-3", "--warmup-steps", "30"]
     full = ["--output-dir", os.path.join(out, "base"), "--init-from", os.path.join(out, "base_short"),
             "--min-tokens", "256", "--max-tokens", "1024", "--batch-tokens", "4096", "--data-seed", str(seed + 1),
@@ -144,7 +144,7 @@ def export(out: str, dest: str) -> None:
                 config["dtype"] = "float32"
                 with open(os.path.join(dst, f), "w") as fh:
                     json.dump(config, fh, indent=2, sort_keys=True)
-            elif f.endswith(".json"):
+            elif f.endswith(".json") and not f.startswith("tokenizer"):  # tokenizer files: verbatim
                 with open(path) as fh:
                     config = json.load(fh)
                 if f == "adapter_config.json":

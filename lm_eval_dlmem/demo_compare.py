@@ -1,6 +1,6 @@
 """Frozen vs MetaState vs MemDLM on the shipped tiny default, through lm-eval, offline, on a CPU.
 
-    lm-eval-dlmem demo                    # the README's main job (a few minutes)
+    lm-eval-dlmem demo                    # the README's main job (about a minute and a half)
     lm-eval-dlmem demo --limit 100        # the numbers in docs/tiny_default.md
 
 Three runs of the same backbone (`pretrained=tiny-llada`) that differ in one argument each:
@@ -24,9 +24,6 @@ import sys
 TASKS = ("dlmem_ruler_niah_single_1_1k,dlmem_ruler_niah_single_2_1k,dlmem_ruler_niah_multivalue_1k,"
          "dlmem_ruler_vt_1k,dlmem_babilong_qa1_0k,dlmem_babilong_qa1_1k,dlmem_babilong_qa2_0k")
 DECODE = "gen_length=32,block_length=32,steps=32,cache=dual"
-# MemDLM at inference: the inner loop with the settings the shipped adapter was trained with
-# (`lm-eval-dlmem train tiny-default`, memdlm stage)
-INNER = "inner_steps=2,inner_rank=8,inner_alpha=16,inner_layer_fraction=0.25"
 VARIANTS = ("frozen", "metastate", "memdlm")
 
 
@@ -45,12 +42,12 @@ def run_variant(name: str, extra: str, args) -> str:
     # on as metadata; simple_evaluate needs them spelled out)
     meta = {"pretrained": args.pretrained, "num_samples": args.limit}
     model_args = ",".join(a for a in (f"pretrained={args.pretrained}", DECODE, extra, args.model_args) if a)
-    print(f"[demo-compare] {name}: lm_eval --model metastate-llada --model_args {model_args} "
+    print(f"[demo] {name}: lm_eval --model metastate-llada --model_args {model_args} "
           f"--tasks {args.tasks} --limit {args.limit} --batch_size {args.batch_size}", flush=True)
     results = lm_eval.simple_evaluate(
         model="metastate-llada", model_args=model_args, tasks=args.tasks.split(","),
         task_manager=TaskManager(include_path=tasks_path(), include_defaults=False, metadata=meta),
-        batch_size=args.batch_size, limit=args.limit, device="cpu", metadata=meta,
+        batch_size=args.batch_size, limit=args.limit, device=args.device, metadata=meta,
     )
     out = os.path.join(args.output_dir, name)
     os.makedirs(out, exist_ok=True)
@@ -65,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=TASKS, help="comma-separated lm-eval task names")
     p.add_argument("--limit", type=int, default=20, help="documents per task")
     p.add_argument("--batch-size", default="8", help="batch size")
+    p.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, cuda:1, ...)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"which of {', '.join(VARIANTS)} to run")
     p.add_argument("--pretrained", default="tiny-llada", help="backbone (embedded name or directory)")
     p.add_argument("--metastate", default="tiny-llada-metastate", help="MetaState checkpoint")
@@ -75,7 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(key, "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    variants = {"frozen": "", "metastate": f"metastate={args.metastate}", "memdlm": f"adapter={args.adapter},{INNER}"}
+    from .training.tiny_default import INNER  # the inner loop the shipped adapter was trained with
+
+    inner = ",".join(f"{k}={v}" for k, v in INNER.items())
+    variants = {"frozen": "", "metastate": f"metastate={args.metastate}", "memdlm": f"adapter={args.adapter},{inner}"}
     chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(chosen) - set(variants))
     if unknown:

@@ -117,3 +117,29 @@ def test_export_writes_bf16_safetensors_json_and_relative_paths(tmp_path):
     record = json.loads((mem / "memdlm_training.json").read_text())
     assert record == {"backbone": os.path.join("RUN", "base"), "lr": 2e-3, "elsewhere": "/data/x.jsonl"}
     assert not (tmp_path / "out" / "tiny-llada-metastate").exists()
+
+
+def test_tiny_default_stage_commands_parse_with_the_trainers(tmp_path):
+    """Every stage's fixed arguments are accepted by its trainer, with the intended values (a
+    repeated flag would silently take the last one)."""
+    from lm_eval_dlmem.training import memdlm, metastate, pretrain
+    from lm_eval_dlmem.training.tiny_default import INNER, base_commands, memdlm_command, metastate_command
+
+    short, full = (pretrain.build_parser().parse_args(a) for a in base_commands(str(tmp_path), 0, 2))
+    assert (short.max_steps, short.lr, short.min_tokens, short.max_tokens, short.init_from) == (1500, 3e-3, 64, 256, None)
+    assert (full.max_steps, full.lr, full.min_tokens, full.max_tokens) == (300, 1e-3, 256, 1024)
+    assert full.init_from == os.path.join(str(tmp_path), "base_short") and short.mode == full.mode == "mixed"
+    ms = metastate.build_parser().parse_args(metastate_command(str(tmp_path), 0))
+    assert (ms.width, ms.max_steps, ms.lr, ms.unroll_steps) == (128, 200, 5e-3, 4)
+    md = memdlm.build_parser().parse_args(memdlm_command(str(tmp_path), 0))
+    assert {k: getattr(md, k) for k in INNER} == INNER and (md.max_steps, md.lr) == (300, 2e-3)
+
+
+def test_tiny_default_resumes_interrupted_stages_and_rejects_unknown_ones(tmp_path):
+    from lm_eval_dlmem.training.tiny_default import _resume, main
+
+    assert _resume(str(tmp_path / "missing")) == [] and _resume(str(tmp_path)) == []
+    (tmp_path / "checkpoint-50").mkdir()
+    assert _resume(str(tmp_path)) == ["--resume", "latest"]
+    with pytest.raises(SystemExit, match="Unknown stage"):
+        main(["--out", str(tmp_path / "run"), "--stages", "base,bogus"])

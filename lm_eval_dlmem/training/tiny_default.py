@@ -6,8 +6,8 @@
 Stages (each skipped when its output exists, so an interrupted run continues where it stopped):
 
     tokenizer  byte-level BPE (2048 tokens, LLaDA specials) on synthetic documents  OUT/tokenizer
-    base       `train pretrain` from scratch: MDLM SFT on the synthetic RULER/BABILong mix,
-               short contexts first (64-256 tokens), then 256-1024                   OUT/base
+    base       `train pretrain --mode mixed` from scratch (masked-diffusion pre-training and
+               SFT rows) on the synthetic RULER/BABILong mix, 64-256 tokens, then 256-1024  OUT/base
     data       prompt/response JSONL for the memory trainers (512-1024 tokens)       OUT/memory_*.jsonl
     metastate  `train metastate` on the frozen base (K-step unrolled)               OUT/metastate
     memdlm     `train memdlm`: bi-level outer LoRA on the base                       OUT/memdlm
@@ -281,16 +281,17 @@ def main(argv: list[str] | None = None) -> int:
         for argv_ in base_commands(args.out, args.seed, args.threads):
             sub = argv_[argv_.index("--output-dir") + 1]
             if not os.path.isfile(os.path.join(sub, "model.safetensors")):
-                resume = ["--resume", "latest"] if any(d.startswith("checkpoint-") for d in _listdir(sub)) else []
-                run_stage("base", "lm_eval_dlmem.training.pretrain", argv_ + resume)
+                run_stage("base", "lm_eval_dlmem.training.pretrain", argv_ + _resume(sub))
     if "data" in stages and not os.path.isfile(os.path.join(args.out, "memory_eval.jsonl")):
         from ..backbones.loading import load_tokenizer
 
         memory_data(args.out, args.seed, load_tokenizer(os.path.join(args.out, "tokenizer")))
     if "metastate" in stages and not done("metastate", "metastate.safetensors"):
-        run_stage("metastate", "lm_eval_dlmem.training.metastate", metastate_command(args.out, args.seed))
+        run_stage("metastate", "lm_eval_dlmem.training.metastate",
+                  metastate_command(args.out, args.seed) + _resume(os.path.join(args.out, "metastate")))
     if "memdlm" in stages and not done("memdlm", "adapter_model.safetensors"):
-        run_stage("memdlm", "lm_eval_dlmem.training.memdlm", memdlm_command(args.out, args.seed))
+        run_stage("memdlm", "lm_eval_dlmem.training.memdlm",
+                  memdlm_command(args.out, args.seed) + _resume(os.path.join(args.out, "memdlm")))
     if "export" in stages:
         export(args.out, os.path.join(args.out, "embedded"))
     if "eval" in stages:
@@ -307,8 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _listdir(path: str) -> list[str]:
-    return os.listdir(path) if os.path.isdir(path) else []
+def _resume(output_dir: str) -> list[str]:
+    """`--resume latest` when an interrupted run left checkpoints in `output_dir`."""
+    found = os.path.isdir(output_dir) and any(d.startswith("checkpoint-") for d in os.listdir(output_dir))
+    return ["--resume", "latest"] if found else []
 
 
 if __name__ == "__main__":

@@ -308,16 +308,11 @@ class DlmLM(TemplateLM):
         return postprocess_generated_text(text, until, None)
 
     def _left_pad(self, rows: list[list[int]]):
-        width = max(len(r) for r in rows)
+        from .decoding.engine import left_pad
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.spec.eos_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            if r:
-                ids[i, width - len(r):] = torch.tensor(r)
-                mask[i, width - len(r):] = 1
-        attention_mask = None if bool(mask.all()) else mask.to(self.device)
-        return ids.to(self.device), attention_mask
+        ids, attention_mask = left_pad(rows, pad)
+        return ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device)
 
     # ---- batch size ----------------------------------------------------------------------------
     def _batch_n(self) -> int:

@@ -330,3 +330,12 @@ def test_caches_are_exact_on_one_layer_models(tmp_path, family, layers):
         ref = generate(bb, ids, attn, DecodeConfig(**base))
         for cache in ("prefix", "dual"):
             assert torch.equal(generate(bb, ids, attn, DecodeConfig(cache=cache, **base)), ref), (strategy, cache)
+
+
+def test_left_pad_layout():
+    from lm_eval_dlmem.decoding.engine import left_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = left_pad([[5, 6], [7, 8]], pad_id=1)
+    assert ids.tolist() == [[5, 6], [7, 8]] and mask is None

@@ -65,6 +65,19 @@ class Canvas:
 
 
 @torch.no_grad()
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor | None]:
+    """Token-id rows -> (input_ids [B, W] left-padded with `pad_id`, attention_mask [B, W] or None
+    when no row is padded), the prompt layout `generate` expects."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, None if bool(mask.all()) else mask
+
+
 def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=None, *,
              seeds: list[int] | None = None, stop_sequences: list[str] | None = None) -> torch.LongTensor:
     """Decode `config.gen_length` tokens after each prompt.

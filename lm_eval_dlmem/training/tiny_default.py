@@ -185,21 +185,14 @@ def heldout_accuracy(backbone, memory, examples: list[dict], gen_length: int = 3
     Returns:
         {task: (mean score, standard error, n)} and "all".
     """
-    import torch
-
     from ..decoding.config import DecodeConfig
-    from ..decoding.engine import generate
+    from ..decoding.engine import generate, left_pad
 
     cfg = DecodeConfig(gen_length=gen_length, steps=gen_length, block_length=gen_length)
     scores: dict[str, list[float]] = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
-        rows = [e["input_ids"][: e["prompt_len"]] for e in chunk]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), backbone.spec.eos_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for j, r in enumerate(rows):
-            ids[j, width - len(r):], mask[j, width - len(r):] = torch.tensor(r), 1
+        ids, mask = left_pad([e["input_ids"][: e["prompt_len"]] for e in chunk], backbone.spec.eos_id)
         out = generate(backbone, ids, mask, cfg, memory)
         for e, row in zip(chunk, out.tolist()):
             stop = next((k for k, t in enumerate(row) if t in backbone.spec.stop_ids), len(row))
@@ -210,10 +203,10 @@ def heldout_accuracy(backbone, memory, examples: list[dict], gen_length: int = 3
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return round(mean, 2), round((var / n) ** 0.5, 2), n
+    """(mean, lm-eval's standard error of the mean, n); the error of a single value is 0."""
+    from lm_eval.api.metrics import mean, mean_stderr
+
+    return round(mean(values), 2), round(mean_stderr(values), 2) if len(values) > 1 else 0.0, len(values)
 
 
 def heldout_examples(tokenizer, seed: int, per_task: int, tokens: int) -> list[dict]:

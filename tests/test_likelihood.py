@@ -133,3 +133,26 @@ def test_repeated_masks_are_forwarded_once(bb):
     assert rows == [1]  # a one-token continuation has a single possible mask
     x = torch.tensor(prefix + [bb.spec.mask_id])[None]
     assert ll == pytest.approx(bb.logits(x)[0, -1].float().log_softmax(-1)[5].item(), rel=1e-5)
+
+
+def test_public_entry_points_run_without_autograd(bb):
+    """generate / loglikelihood / greedy_check / loglikelihood_rolling called directly (not through
+    the harness's inference_mode) must not record a graph: with a trainable memory that would keep
+    every step's activations alive (a decode of 32 steps grew by 1.2 GB before this held)."""
+    from lm_eval_dlmem import DecodeConfig, generate
+    from lm_eval_dlmem.decoding.likelihood import greedy_check
+
+    seen = []
+
+    class GradSpy(Memory):
+        def after_forward(self, info):
+            seen.append(torch.is_grad_enabled())
+
+    assert torch.is_grad_enabled()
+    ids = torch.tensor([bb.tokenizer.encode("the grass is green")])
+    generate(bb, ids, None, DecodeConfig(gen_length=4, steps=4, block_length=4), GradSpy())
+    r = reqs(bb.tokenizer)[:1]
+    loglikelihood(bb, r, mc_num=2, memory=GradSpy())
+    greedy_check(bb, r, memory=GradSpy())
+    loglikelihood_rolling(bb, [ids[0].tolist()], max_length=8, mc_num=2, memory=GradSpy())
+    assert seen and not any(seen)

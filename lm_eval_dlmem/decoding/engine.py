@@ -64,7 +64,6 @@ class Canvas:
         )
 
 
-@torch.no_grad()
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torch.LongTensor | None]:
     """Token-id rows -> (input_ids [B, W] left-padded with `pad_id`, attention_mask [B, W] or None
     when no row is padded), the prompt layout `generate` expects."""
@@ -78,6 +77,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torc
     return ids, None if bool(mask.all()) else mask
 
 
+@torch.no_grad()
 def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=None, *,
              seeds: list[int] | None = None, stop_sequences: list[str] | None = None) -> torch.LongTensor:
     """Decode `config.gen_length` tokens after each prompt.

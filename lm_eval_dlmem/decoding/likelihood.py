@@ -80,6 +80,7 @@ def pack(requests, order, pad_id: int, fill_id: int | None = None):
     return ids, (None if bool(attn.all()) else attn), prompt
 
 
+@torch.no_grad()
 def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32, seeds=None,
                   cfg_scale: float = 0.0, check_greedy: bool = False, memory=None, progress=None,
                   stratum: int = 32) -> list[tuple[float, bool]]:
@@ -203,6 +204,7 @@ def _step(backbone, memory, step, ids, attn, prompt, ratio, cfg_scale, keep):
     return logits
 
 
+@torch.no_grad()
 def greedy_check(backbone, requests, *, batch_size: int = 32, cfg_scale: float = 0.0, memory=None) -> list[bool]:
     """LLaDA's `suffix_greedy_prediction`, batched over requests: starting from a fully masked
     continuation, commit the single most confident position per step (argmax token, float32
@@ -243,6 +245,7 @@ def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
     return (x[:, L - T_max:] == clean[:, L - T_max:]).all(-1).tolist()
 
 
+@torch.no_grad()
 def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int = 128, batch_size: int = 32,
                           seeds=None, memory=None, progress=None, stratum: int = 32) -> list[float]:
     """Log-likelihood of whole texts: lm-eval's disjoint rolling windows of at most `max_length`

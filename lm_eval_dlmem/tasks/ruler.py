@@ -172,16 +172,20 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
     slack = max(FIT_TOLERANCE * budget, unit_tokens)
     drafts = [gen.make(rng_for(i), units, i) for i in range(opts.num_samples)]
     sizes = count.many([d[0] + d[1] for d in drafts])
-    rows = []
+    rows, skipped = [], []
     for i, (draft, size) in enumerate(zip(drafts, sizes)):
         if not oversized and not budget - slack <= size <= budget:
             draft, size = _refit(gen, i, rng_for, count, budget, slack, units, size)
         if not oversized and size > budget:
-            log.warning("RULER %s: sample %d does not fit %d tokens and is skipped.", task, i, length)
+            skipped.append(i)
             continue
         rows.append({"index": i, "input": draft[0], "gen_prefix": draft[1], "outputs": list(draft[2]),
                      "target": ", ".join(draft[2]), "length": size + TOKENS_TO_GENERATE[task],
                      "max_length": length, "haystack": gen.haystack})
+    if skipped:
+        # e.g. cwe with a small-vocabulary tokenizer: even the fewest words overflow some samples
+        log.warning("RULER %s: %d of %d samples do not fit %d tokens even at their smallest and are skipped "
+                    "(first: %s).", task, len(skipped), opts.num_samples, length, skipped[:5])
     if not rows:
         raise TaskDataError(f"RULER {task}: no sample fits {length} tokens.")
     return rows

@@ -36,7 +36,7 @@ HOTPOT_REVISION = "7e54db4656209750ff487f6fdf8e39a66dba136b"
 FILES = {"squad": "squad.json", "hotpotqa": "hotpotqa.json"}
 HINT = ("Download the data once and pass --metadata ruler_qa_dir=DIR with {file} in it (RULER's "
         "scripts/data/synthetic/json/download_qa_dataset.sh fetches it), or leave these two tasks out "
-        "(dlmem_ruler_synthetic_<len> groups the 11 offline tasks).")
+        "(dlmem_ruler_<len> groups the 11 offline tasks; dlmem_ruler_all_<len> adds these two).")
 
 
 @dataclass(frozen=True)

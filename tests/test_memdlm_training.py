@@ -111,3 +111,24 @@ def test_exposure_bias_writes_csv_and_png(memdlm_adapter, tiny_ckpts, toy_data, 
     assert os.path.getsize(tmp_path / "exposure_bias.png") > 1000
     with pytest.raises(ValueError, match="LABEL=ADAPTER:INNER_STEPS"):
         exposure_bias.parse_config("T+I=ckpt")
+
+
+@pytest.mark.slow
+def test_three_modes_through_the_lm_eval_cli(memdlm_adapter, tiny_ckpts, tmp_path):
+    """The issue's end-to-end check: `lm_eval --model memdlm-llada-moe` on a tiny LLaDA-MoE with the
+    adapter `train memdlm` wrote, baseline / train-only / train+inference, batched (batch 4)."""
+    from test_cli import load_samples, run_lm_eval
+
+    out, _ = memdlm_adapter
+    base = f"pretrained={tiny_ckpts['llada_moe']},mc_num=4,mc_batch_size=8,block_length=8,inner_layer_fraction=0.5"
+    modes = {"baseline": base, "train-only": f"{base},adapter={out}",
+             "train+inference": f"{base},adapter={out},inner_steps=2"}
+    scores = {}
+    for mode, args in modes.items():
+        proc = run_lm_eval("memdlm-llada-moe", args, tmp_path / mode, 4)
+        assert "t_gen" in proc.stdout and "t_mc" in proc.stdout, mode  # lm-eval's results table
+        scores[mode] = load_samples(tmp_path / mode, "t_mc")
+        assert len(scores[mode]) == 6 and len(load_samples(tmp_path / mode, "t_gen")) == 6
+    # the adapter changes the model, and the inner loop changes it again, per request
+    assert scores["train-only"] != scores["baseline"]
+    assert scores["train+inference"] != scores["train-only"]

@@ -345,3 +345,17 @@ def test_clear_error_for_float16_on_cpu(tiny_ckpts):
     for dtype in ("float16", torch.float16):
         with pytest.raises(ValueError, match="use dtype=float32 or bfloat16 on CPU"):
             load_backbone(tiny_ckpts["llada"], dtype=dtype, device="cpu")
+
+
+def test_clear_error_for_a_device_that_is_not_there(tiny_ckpts, monkeypatch):
+    with pytest.raises(ValueError, match="is not a device torch knows"):
+        load_backbone(tiny_ckpts["llada"], device="tpu9")
+    # as on a CPU-only machine, whatever this one has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="asks for a GPU, but this torch sees none"):
+        load_backbone(tiny_ckpts["llada"], device="cuda:1")
+    # two GPUs visible, the third asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"only 2 GPU\(s\) are visible"):
+        load_backbone(tiny_ckpts["llada"], device="cuda:2")

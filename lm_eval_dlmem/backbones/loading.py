@@ -205,6 +205,7 @@ def load_backbone(
     """
     from ..embedded import resolve_embedded
 
+    check_device(device)
     pretrained = resolve_embedded(pretrained) or os.path.expanduser(str(pretrained))
     config = read_config(pretrained, revision)
     family = family or detect_family(config)
@@ -245,6 +246,24 @@ def load_tokenizer(path: str, revision: str | None = None):
         f"Could not load a tokenizer from {path!r} without remote code ({'; '.join(errors)}). "
         "Pass tokenizer=PATH pointing at a directory with tokenizer.json."
     )
+
+
+def check_device(device) -> None:
+    """Refuse, before any weights load, a device string torch cannot parse or a GPU that is not there."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a device torch knows ({e}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"device={device!r} asks for a GPU, but this torch sees none (torch.cuda.is_available() "
+                             "is False: no GPU, or a CPU-only torch build); use device=cpu or install a CUDA torch.")
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"device={device!r}: only {count} GPU(s) are visible (cuda:0..cuda:{count - 1}); "
+                             "pick one of those or check CUDA_VISIBLE_DEVICES.")
 
 
 def resolve_dtype(dtype, device=None):

@@ -93,6 +93,19 @@ def cmd_demo(argv: list[str]) -> int:
     return compare_main(argv)
 
 
+def _run(name: str, command) -> int:
+    """Run a subcommand; a bad argument, path or file (ValueError / OSError, which our checks raise
+    with the problem and the fix in the message) prints that message instead of a traceback.
+    LM_EVAL_DLMEM_TRACEBACK=1 shows the traceback too."""
+    try:
+        return command() or 0
+    except (ValueError, OSError) as e:
+        if os.environ.get("LM_EVAL_DLMEM_TRACEBACK") == "1":
+            raise
+        print(f"lm-eval-dlmem {name}: error: {e}\n(set LM_EVAL_DLMEM_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["demo"], ["make-tiny"]):
@@ -102,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     if argv[0] in commands:
-        return commands[argv[0]](argv[1:]) or 0
+        return _run(argv[0], lambda: commands[argv[0]](argv[1:]))
     for key, module in DELEGATES.items():
         if tuple(argv[: len(key)]) == key:
             try:
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             except ModuleNotFoundError as e:
                 print(f"`lm-eval-dlmem {' '.join(key)}` is not available in this install ({e}).", file=sys.stderr)
                 return 2
-            return mod.main(argv[len(key):]) or 0
+            return _run(" ".join(key), lambda: mod.main(argv[len(key):]))
     known = sorted(list(commands) + [" ".join(k) for k in DELEGATES])
     print(f"Unknown command {' '.join(argv[:2])!r}. Commands: {', '.join(known)}.", file=sys.stderr)
     return 2

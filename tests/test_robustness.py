@@ -183,3 +183,17 @@ def test_cli_shows_the_reason_not_a_deep_traceback(tiny_ckpts, tmp_path):
     assert last.startswith("ValueError: Unknown model arg 'stepz'. Did you mean steps?"), proc.stderr[-2000:]
     assert "torch/" not in proc.stderr.split("Traceback")[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_our_cli_prints_the_message_without_a_traceback(tmp_path, capsys, monkeypatch):
+    from lm_eval_dlmem import cli
+
+    argv = ["train", "metastate", "--backbone", str(tmp_path / "no-such-ckpt"), "--data", str(tmp_path / "d.jsonl"),
+            "--output-dir", str(tmp_path / "out"), "--cpu"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lm-eval-dlmem train metastate: error: pretrained=") and "no-such-ckpt" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    monkeypatch.setenv("LM_EVAL_DLMEM_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(argv)

@@ -66,15 +66,17 @@ class TokenCounter:
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.encode(text))
 
     def many(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
-        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+        return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
 
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: drafts longer than the tokenizer's model_max_length are expected while
+        # sizing, so transformers' "sequence length is longer than..." warning is noise here
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

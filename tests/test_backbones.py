@@ -229,19 +229,47 @@ def _cpu_nf4_unsupported_reason() -> str | None:
     return None
 
 
+# bitsandbytes' CPU kernel on AVX-512-bf16 machines packs 4-bit weights in blocks of 32 output
+# rows and 64 input columns, so every quantised linear of the 4-bit test checkpoints has such
+# sizes (the shared tiny MoE's 4-expert router has 4 rows, its experts 32 columns): the test
+# then runs the same on every CPU. Real LLaDA-MoE has 64 experts of width 1024.
+NF4_SIZES = {"llada": {}, "dream": {}, "llada_moe": {"num_experts": 32, "expert_intermediate_size": 64}}
+
+
+@pytest.fixture(scope="module")
+def nf4_ckpts(tiny_ckpts, tmp_path_factory):
+    from lm_eval_dlmem.testing import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("nf4")
+    return {f: make_tiny_checkpoint(f, root / f, seed=0, **s) if s else tiny_ckpts[f] for f, s in NF4_SIZES.items()}
+
+
+def test_4bit_config_matches_the_released_memdlm_loading():
+    """JarvisPei/MemDLM (memdlm/models.py, via dllm) loads NF4 with double quantisation and no
+    llm_int8_skip_modules: only transformers' default skips (the LM head) stay in full precision;
+    the MoE router is quantised like every other linear."""
+    from lm_eval_dlmem.backbones.loading import quantization_config
+
+    cfg = quantization_config(True, torch.bfloat16)
+    assert (cfg.bnb_4bit_quant_type, cfg.bnb_4bit_use_double_quant, cfg.llm_int8_skip_modules) == ("nf4", True, None)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_4bit_loading_on_cpu(family, tiny_ckpts, backbones):
+def test_4bit_loading_on_cpu(family, nf4_ckpts):
     reason = _cpu_nf4_unsupported_reason()
     if reason:
         print(reason)
         pytest.skip(reason)
     import bitsandbytes as bnb
 
-    bb = load_backbone(tiny_ckpts[family], load_in_4bit=True)
+    bb = load_backbone(nf4_ckpts[family], load_in_4bit=True)
     q_proj = bb.layers[0].q_proj if family == "llada" else bb.layers[0].self_attn.q_proj
     assert isinstance(q_proj, bnb.nn.Linear4bit)
+    if family == "llada_moe":  # as in the released MemDLM loading (see the test above)
+        assert isinstance(bb.layers[0].mlp.gate, bnb.nn.Linear4bit)
     ids, mask = _batch(bb)
-    got, ref = _logits(bb, ids, mask).float(), _logits(backbones[family], ids, mask)
+    ref_bb = load_backbone(nf4_ckpts[family], dtype="float32")
+    got, ref = _logits(bb, ids, mask).float(), _logits(ref_bb, ids, mask)
     assert torch.isfinite(got).all()
     # NF4 rounds every weight; the logits stay close to the float32 model's
     assert (got - ref).abs().max() < 0.3 * ref.abs().max()

@@ -268,7 +268,12 @@ def threshold_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: Ro
     """
     if config.logits_eos_inf:
         suppress(logits, (spec.eos_id,))
-    x0 = rng.gumbel_argmax(logits, config.temperature, spec.mask_id)
+    # A row whose block is already done waits for its batch-mates: it must not consume its
+    # generator meanwhile, or its later samples would depend on who it is batched with.
+    active = masked.any(-1).nonzero().squeeze(-1).tolist()
+    x0 = argmax_without(logits, spec.mask_id)
+    if active:
+        x0[active] = rng.select(active).gumbel_argmax(logits[active], config.temperature, spec.mask_id)
     conf_logits = logits.float()
     if config.confidence_eos_eot_inf:
         conf_logits = eos_eot_confidence_logits(conf_logits, spec, config.temperature)

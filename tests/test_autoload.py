@@ -157,3 +157,20 @@ def test_fresh_interpreter_registers_for_accelerate_workers(tmp_path):
 def test_fresh_interpreter_stays_inert_for_other_processes(tmp_path):
     out = _probe(tmp_path, "/srv/app.py", [sys.executable, "/srv/app.py"])
     assert out == {"lm_eval_imported_before": False, "autoload_imported": False, "lm_eval_imported": False}
+
+
+@pytest.mark.parametrize("package", ["lm-eval", "bitsandbytes"])
+def test_dependencies_we_reach_into_are_bounded_to_the_tested_versions(package):
+    """lm-eval internals (cache_hook.dbdict, the request-cache key) and bitsandbytes' CPU 4-bit
+    packing change between releases: pyproject.toml bounds both above, and the versions this
+    suite runs on are inside the bounds."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
+    (req,) = [Requirement(d) for d in deps if Requirement(d).name == package]
+    assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{req} has no upper bound"
+    assert req.specifier.contains(version(package)), f"installed {package} {version(package)} is outside {req}"

@@ -299,7 +299,9 @@ class DlmLM(TemplateLM):
         with torch.inference_mode():
             out = generate(self.backbone, input_ids, attention_mask, config, self.memory,
                            seeds=seeds, stop_sequences=stops)
-        return [self._postprocess(row.tolist(), until) for row in out]
+        # the canvas is rounded up to whole blocks; the answer is at most the requested length
+        limit = self.args.gen_length or max_gen
+        return [self._postprocess(row[:limit].tolist(), until) for row in out]
 
     def _postprocess(self, tokens: list[int], until: list[str]) -> str:
         stop = set(self.spec.stop_ids)
@@ -348,7 +350,7 @@ class DlmLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         from .decoding.likelihood import loglikelihood
 
-        results = []
+        results, undecided = [], 0
         bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="loglikelihood")
         for start in range(0, len(requests), LIKELIHOOD_CHUNK):
             part = requests[start:start + LIKELIHOOD_CHUNK]
@@ -363,11 +365,14 @@ class DlmLM(TemplateLM):
                     memory=self.memory,
                 )
             for ((ctx, cont), _, _), res in zip(part, out):
+                undecided += res[1] is None
                 res = (float(res[0]), bool(res[1]))
                 self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
                 results.append(res)
             bar.update(len(part))
         bar.close()
+        if undecided:
+            warn_is_greedy_not_computed(undecided, len(requests))
         return results
 
     def _fit_pair(self, ctx_ids: list[int], cont_ids: list[int]):
@@ -394,6 +399,16 @@ class DlmLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
             results.append(float(score))
         return results
+
+
+def warn_is_greedy_not_computed(undecided: int, total: int) -> None:
+    """lm-eval turns is_greedy into `acc` of loglikelihood tasks and `exact_match` of
+    multiple-choice tasks; an uncomputed one must not pass for a model that is never right."""
+    log.warning(
+        "is_greedy was NOT computed for %d of %d loglikelihood requests (continuations of two or more "
+        "tokens need one forward per token): they are reported as not greedy, so the `acc` metric of "
+        "loglikelihood tasks (lambada-style) and the `exact_match` metric of multiple-choice tasks "
+        "read 0 for them. Pass check_greedy=True in --model_args to compute it.", undecided, total)
 
 
 def _dir_signature(spec) -> list | None:

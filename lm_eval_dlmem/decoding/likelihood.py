@@ -93,15 +93,18 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
         batch_size: (request, sample) rows per forward (doubled under CFG); a speed knob only.
         seeds: one seed per request (default: its index); request i draws only from `seeds[i]`.
         cfg_scale: classifier-free guidance (unconditional pass with the prefix masked).
-        check_greedy: also decide whether greedy one-at-a-time unmasking reproduces the
-            continuation (LLaDA's `suffix_greedy_prediction`); False otherwise.
+        check_greedy: also decide, for continuations of two or more tokens, whether greedy
+            one-at-a-time unmasking reproduces the continuation (LLaDA's
+            `suffix_greedy_prediction`, one forward per token). A one-token continuation is
+            always decided: its fully masked Monte Carlo row is that single greedy step.
         memory: a `Memory`, begun per forward on the distinct requests' prompts (continuation
             masked) and expanded to the sample rows with `select`.
         progress: optional callable(n) or tqdm, advanced per finished request.
         stratum: samples sharing one stratified draw of mask counts (the official batch_size).
 
     Returns:
-        list of (log-likelihood estimate, is_greedy) in request order.
+        list of (log-likelihood estimate, is_greedy) in request order; is_greedy is None where
+        it was not computed (a continuation of two or more tokens without check_greedy).
     """
     for name, value in (("mc_num", mc_num), ("batch_size", batch_size), ("stratum", stratum)):
         if int(value) < 1:
@@ -110,11 +113,15 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
         raise ValueError("Every likelihood request needs a non-empty prefix (use a BOS/EOS token).")
     seeds = _seeds(seeds, len(requests))
     memory = memory if memory is not None else NoMemory()
-    greedy = [False] * len(requests)
-    if check_greedy:
-        greedy = greedy_check(backbone, requests, batch_size=batch_size, cfg_scale=cfg_scale, memory=memory)
+    greedy = [True if len(c) == 0 else None for _, c in requests]
+    longer = [i for i, (_, c) in enumerate(requests) if len(c) > 1]
+    if check_greedy and longer:
+        checked = greedy_check(backbone, [requests[i] for i in longer], batch_size=batch_size,
+                               cfg_scale=cfg_scale, memory=memory)
+        for i, ok in zip(longer, checked):
+            greedy[i] = ok
     scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
-                       lambda i: _advance(progress, 1))
+                       lambda i: _advance(progress, 1), greedy)
     return [(s, g) for s, g in zip(scores, greedy)]
 
 
@@ -130,8 +137,9 @@ def _advance(progress, n):
         (progress.update if hasattr(progress, "update") else progress)(n)
 
 
-def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done):
-    """-mean sample loss per request; `on_done(i)` once request i's last row is scored."""
+def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done, greedy=None):
+    """-mean sample loss per request; `on_done(i)` once request i's last row is scored. When a
+    list `greedy` is given, greedy[i] of a one-token continuation is set from its row."""
     order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
     totals = torch.zeros(len(requests), dtype=torch.float64, device=backbone.device)
     rows = []  # (request, mask [T], ratio, multiplicity, is its last row)
@@ -148,15 +156,17 @@ def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale,
         n = len(patterns)
         rows.extend((i, patterns[s], ratios[s], counts[s], s == n - 1) for s in range(n))
         while len(rows) >= batch_size:
-            _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done)
+            _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done, greedy)
             rows = rows[batch_size:]
     if rows:
-        _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done)
+        _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy)
     return (-(totals / mc_num)).tolist()
 
 
-def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done):
-    """One forward over sample rows: adds each row's `sum CE / ratio` to `totals[request]`."""
+def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy=None):
+    """One forward over sample rows: adds each row's `sum CE / ratio` to `totals[request]`; sets
+    `greedy[request]` for one-token continuations (their only row is fully masked, so the
+    argmax at that position is the whole greedy decode)."""
     device, mask_id = backbone.device, backbone.spec.mask_id
     reqs = list(dict.fromkeys(row[0] for row in rows))  # distinct requests, in row order
     ids, attn, prompt = pack(requests, reqs, backbone.spec.eos_id)
@@ -183,6 +193,10 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
     per_row = torch.zeros(len(rows), device=device).index_add_(0, masked.nonzero()[:, 0], ce) / ratio
     per_row = per_row * torch.stack([row[3] for row in rows]).to(device)
     totals.index_add_(0, torch.tensor([row[0] for row in rows], device=device), per_row.double())
+    if greedy is not None:
+        for j, (r, *_) in enumerate(rows):
+            if len(requests[r][1]) == 1:
+                greedy[r] = bool(logits[j, -1].argmax() == clean[j, -1])
     for r, _, _, _, last in rows:
         if last:
             on_done(r)

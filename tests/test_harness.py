@@ -1,0 +1,84 @@
+"""Harness semantics (`DlmLM`): what lm-eval's arguments mean for the answers and scores it gets
+back. Tiny checkpoints, in-process."""
+
+import logging
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+
+def make_lm(ckpt, cls_name="MetaStateLLaDA", **args):
+    from lm_eval_dlmem import harness
+
+    return getattr(harness, cls_name)(pretrained=ckpt, device="cpu", **args)
+
+
+@pytest.fixture(scope="module")
+def llada(tiny_ckpts):
+    return make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4)
+
+
+# ---- generate_until ---------------------------------------------------------------------------
+def test_max_gen_toks_bounds_the_answer_when_the_canvas_is_rounded_up(tiny_ckpts, monkeypatch):
+    import lm_eval_dlmem.decoding.engine as engine
+
+    lm = make_lm(tiny_ckpts["llada"], block_length=32)
+    word = lm.tok_encode("ab")[0]
+    canvases = []
+
+    def fake_generate(backbone, input_ids, attention_mask, config, *args, **kwargs):
+        canvases.append(config.gen_length)
+        return torch.full((input_ids.shape[0], config.gen_length), word)
+
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    req = Instance("generate_until", doc={}, arguments=("x", {"until": [], "max_gen_toks": 4}), idx=0)
+    (text,) = lm.generate_until([req], disable_tqdm=True)
+    assert canvases == [32]  # decoded on the block-rounded canvas...
+    assert text == lm.tok_decode([word] * 4)  # ...answered with at most max_gen_toks tokens
+    # an explicit gen_length= is the user's own bound
+    lm.args.gen_length = 40
+    (text,) = lm.generate_until([req], disable_tqdm=True)
+    assert canvases[-1] == 64 and text == lm.tok_decode([word] * 40)
+
+
+# ---- loglikelihood: is_greedy -------------------------------------------------------------------
+def ll_requests(pairs):
+    return [Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+
+def ranked_one_token_continuations(lm, ctx: str) -> list[str]:
+    """Texts of single tokens, most probable first as the continuation of `ctx`."""
+    ids = lm.tok_encode(ctx)
+    with torch.inference_mode():
+        logits = lm.backbone.logits(torch.tensor([ids + [lm.spec.mask_id]]))[0, -1]
+    texts = [lm.tok_decode([t]) for t in logits.argsort(descending=True).tolist()]
+    return [t for t in texts if t and len(lm.tok_encode(ctx + t)) == len(ids) + 1
+            and lm.tok_encode(ctx + t)[-1] == lm.tok_encode(t, add_special_tokens=False)[0]]
+
+
+def test_is_greedy_of_one_token_continuations_is_computed_without_check_greedy(llada):
+    """lambada-style `acc` and multiple-choice `exact_match` read is_greedy: a one-token
+    continuation is settled by its fully masked Monte Carlo row, so it is never a silent False."""
+    ctx = "The sky is"
+    ranked = ranked_one_token_continuations(llada, ctx)
+    assert llada.args.check_greedy is False
+    got = [g for _, g in llada.loglikelihood(ll_requests([(ctx, ranked[0]), (ctx, ranked[1])]), disable_tqdm=True)]
+    assert got == [True, False]
+
+
+def test_uncomputed_is_greedy_is_loud(llada, caplog):
+    ctx = "The sky is"
+    pairs = [(ctx, " blue and round"), (ctx, ranked_one_token_continuations(llada, ctx)[0])]
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem.harness"):
+        llada.loglikelihood(ll_requests(pairs), disable_tqdm=True)
+    (msg,) = [r.getMessage() for r in caplog.records if "is_greedy" in r.getMessage()]
+    assert "1 of 2" in msg and "check_greedy=True" in msg and "acc" in msg and "exact_match" in msg
+    caplog.clear()
+    llada.args.check_greedy = True
+    try:
+        with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem.harness"):
+            llada.loglikelihood(ll_requests(pairs), disable_tqdm=True)
+    finally:
+        llada.args.check_greedy = False
+    assert not [r for r in caplog.records if "is_greedy" in r.getMessage()]

@@ -385,19 +385,26 @@ class DlmLM(TemplateLM):
         return (ctx_ids[-keep:] if len(ctx_ids) > keep else ctx_ids), cont_ids
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihoods: the windows of up to LIKELIHOOD_CHUNK texts are packed
+        into forwards together (`decoding.loglikelihood_rolling`), with `likelihood_cfg`."""
         from .decoding.likelihood import loglikelihood_rolling
 
+        strings = [req.args[0] for req in requests]
         results = []
-        for req in tqdm(requests, disable=disable_tqdm or self.rank != 0, desc="loglikelihood_rolling"):
-            (string,) = req.args
-            ids = self.tok_encode(string, add_special_tokens=False)
+        bar = tqdm(total=len(strings), disable=disable_tqdm or self.rank != 0, desc="loglikelihood_rolling")
+        for start in range(0, len(strings), LIKELIHOOD_CHUNK):
+            part = strings[start:start + LIKELIHOOD_CHUNK]
             with torch.inference_mode():
-                (score,) = loglikelihood_rolling(
-                    self.backbone, [ids], max_length=self.max_length, mc_num=self.args.mc_num,
-                    batch_size=self.args.mc_batch_size, seeds=[self.request_seed(string)], memory=self.memory,
+                scores = loglikelihood_rolling(
+                    self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
+                    max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
+                    seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
+                    memory=self.memory, progress=bar,
                 )
-            self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
-            results.append(float(score))
+            for string, score in zip(part, scores):
+                self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
+                results.append(float(score))
+        bar.close()
         return results
 
 

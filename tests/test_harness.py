@@ -82,3 +82,28 @@ def test_uncomputed_is_greedy_is_loud(llada, caplog):
     finally:
         llada.args.check_greedy = False
     assert not [r for r in caplog.records if "is_greedy" in r.getMessage()]
+
+
+# ---- loglikelihood_rolling ----------------------------------------------------------------------
+TEXTS = ["the grass is green and the sky is blue", "a b c d e f g h i j k l", "Mary went to the kitchen."]
+
+
+def rolling(lm, texts):
+    reqs = [Instance("loglikelihood_rolling", doc={}, arguments=(t,), idx=i) for i, t in enumerate(texts)]
+    return lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+
+
+def test_rolling_batches_requests_together_with_the_same_scores(llada, monkeypatch):
+    import lm_eval_dlmem.decoding.likelihood as likelihood
+
+    calls, real = [], likelihood.loglikelihood_rolling
+    monkeypatch.setattr(likelihood, "loglikelihood_rolling", lambda bb, toks, **kw: calls.append(len(toks)) or real(bb, toks, **kw))
+    together = rolling(llada, TEXTS)
+    assert calls == [len(TEXTS)]  # one call: windows of all texts share forwards
+    assert [rolling(llada, [t])[0] for t in TEXTS] == pytest.approx(together, abs=1e-4)
+
+
+def test_rolling_honours_likelihood_cfg(tiny_ckpts):
+    plain = rolling(make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4), TEXTS[:1])
+    guided = rolling(make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4, likelihood_cfg=0.5), TEXTS[:1])
+    assert guided[0] != pytest.approx(plain[0], abs=1e-3)

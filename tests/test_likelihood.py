@@ -156,3 +156,29 @@ def test_public_entry_points_run_without_autograd(bb):
     greedy_check(bb, r, memory=GradSpy())
     loglikelihood_rolling(bb, [ids[0].tolist()], max_length=8, mc_num=2, memory=GradSpy())
     assert seen and not any(seen)
+
+
+@torch.inference_mode()
+def test_memdlm_adapts_each_request_once_across_its_forwards(bb, monkeypatch):
+    """mc_num 8 in forwards of 3 rows: every request's samples span several forwards (and two
+    requests share the boundary ones); the inner loop runs once per request, as in the released
+    evaluator, and the scores equal those of one forward holding every sample."""
+    from lm_eval_dlmem.memory.fast_weights import FastWeightMemory, MemDLMConfig
+
+    rows_adapted = []
+    real = FastWeightMemory.adapt
+    monkeypatch.setattr(FastWeightMemory, "adapt", lambda self, x0, *a: rows_adapted.append(x0.shape[0]) or real(self, x0, *a))
+    mem = FastWeightMemory(bb, MemDLMConfig(inner_layer_fraction=0.5))
+    r = reqs(bb.tokenizer)
+    split = loglikelihood(bb, r, mc_num=8, batch_size=3, seeds=[1, 2, 3], memory=mem)
+    assert sum(rows_adapted) == len(r)
+    whole = loglikelihood(bb, r, mc_num=8, batch_size=64, seeds=[1, 2, 3], memory=mem)
+    assert [s for s, _ in split] == pytest.approx([s for s, _ in whole], abs=1e-4)
+    frozen = loglikelihood(bb, r, mc_num=8, batch_size=64, seeds=[1, 2, 3])
+    assert [s for s, _ in whole] != pytest.approx([s for s, _ in frozen], abs=1e-4)  # it did adapt
+    # rolling windows are requests of their own: each adapts once as well
+    rows_adapted.clear()
+    tokens = [bb.tokenizer.encode(t) for t in ("the grass is green and the sky is blue", "a b c d e f g h")]
+    loglikelihood_rolling(bb, tokens, max_length=8, mc_num=8, batch_size=3, memory=mem)
+    windows = sum(-(-len(t) // 8) for t in tokens)
+    assert sum(rows_adapted) == windows

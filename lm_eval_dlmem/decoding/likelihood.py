@@ -21,6 +21,8 @@ length (T_max the longest in the forward), V vocabulary.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 
@@ -98,7 +100,8 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
             `suffix_greedy_prediction`, one forward per token). A one-token continuation is
             always decided: its fully masked Monte Carlo row is that single greedy step.
         memory: a `Memory`, begun per forward on the distinct requests' prompts (continuation
-            masked) and expanded to the sample rows with `select`.
+            masked) and expanded to the sample rows with `select`; inside its `adapt_once`
+            scope (MemDLM) a request whose rows span several forwards adapts once.
         progress: optional callable(n) or tqdm, advanced per finished request.
         stratum: samples sharing one stratified draw of mask counts (the official batch_size).
 
@@ -120,9 +123,17 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
                                cfg_scale=cfg_scale, memory=memory)
         for i, ok in zip(longer, checked):
             greedy[i] = ok
-    scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
-                       lambda i: _advance(progress, 1), greedy)
+    with adapt_once(memory):
+        scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
+                           lambda i: _advance(progress, 1), greedy)
     return [(s, g) for s, g in zip(scores, greedy)]
+
+
+def adapt_once(memory):
+    """The memory's scope for adapting each request once although its Monte Carlo rows span
+    several forwards (MemDLM's inner loop); a no-op for memories without per-request adaptation."""
+    scope = getattr(memory, "adapt_once", None)
+    return scope() if scope is not None else nullcontext()
 
 
 def _seeds(seeds, n: int) -> list[int]:
@@ -261,12 +272,15 @@ def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
 
 @torch.no_grad()
 def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int = 128, batch_size: int = 32,
-                          seeds=None, memory=None, progress=None, stratum: int = 32) -> list[float]:
+                          seeds=None, cfg_scale: float = 0.0, memory=None, progress=None,
+                          stratum: int = 32) -> list[float]:
     """Log-likelihood of whole texts: lm-eval's disjoint rolling windows of at most `max_length`
     tokens, each scored given the tokens before it with the same estimator, summed per text.
 
     Args:
-        backbone, mc_num, batch_size, memory, stratum: as for `loglikelihood`.
+        backbone, mc_num, batch_size, cfg_scale, memory, stratum: as for `loglikelihood` (the
+            windows of all texts are packed into forwards together; under CFG a window's
+            unconditional row masks its context).
         token_lists: the texts' token ids.
         max_length: window length (context + predicted tokens).
         seeds: one per text (default: its index); window w of text i uses a seed derived from both.
@@ -299,7 +313,8 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
             _advance(progress, 1)
 
     memory = memory if memory is not None else NoMemory()
-    scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, 0.0, memory, window_done)
+    with adapt_once(memory):
+        scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, cfg_scale, memory, window_done)
     totals = [0.0] * len(token_lists)
     for i, s in zip(owner, scores):
         totals[i] += s

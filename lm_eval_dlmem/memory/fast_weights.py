@@ -25,6 +25,7 @@ Shapes: B rows, L prompt canvas, C hidden, V vocab, S fast-weight sets, r rank.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -193,12 +194,56 @@ class FastWeightMemory(Memory):
         self._restore: list[tuple[nn.Module, str, nn.Module]] = []
         self.first_layer = max(0, int(len(backbone.layers) * (1.0 - config.inner_layer_fraction)))
         self.last_losses: list[torch.Tensor] = []  # per stage, per set (after the last adapt)
+        self._kept: dict | None = None  # inside adapt_once: (seed, prompt) -> per-layer (A, B)
+        self.adaptations = 0  # rows that ran the inner loop (reused rows do not count)
 
     # ---- the Memory protocol ------------------------------------------------------------------
     def begin(self, backbone, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
+        """Install fast weights for the rows and run the inner loop on their prompts. Inside
+        `adapt_once()`, a row whose (seed, prompt) an earlier `begin` of the scope adapted reuses
+        those weights, and only the other rows run the inner loop."""
+        if self._kept is None or self.config.inner_steps == 0:
+            return self._adapt_rows(backbone, input_ids, attention_mask, prompt_mask, seeds)
+        seeds = list(seeds) if seeds is not None else [0] * input_ids.shape[0]
+        keys = self._row_keys(input_ids, attention_mask, prompt_mask, seeds)
+        new_rows = [keys.index(k) for k in dict.fromkeys(keys) if k not in self._kept]  # first row per key
+        fresh = {}
+        if new_rows:
+            rows = torch.tensor(new_rows, device=input_ids.device)
+            pick = (lambda t: None if t is None else t.index_select(0, rows.to(t.device)))
+            self._adapt_rows(backbone, input_ids[rows], pick(attention_mask), prompt_mask[rows],
+                             [seeds[i] for i in new_rows])
+            fresh = {keys[i]: [(l.fast_A[j], l.fast_B[j]) for l in self.layers] for j, i in enumerate(new_rows)}
+        kept = {k: fresh[k] if k in fresh else self._kept[k] for k in keys}
+        self.end()
+        self.install()
+        for n, layer in enumerate(self.layers):
+            layer.fast_A = torch.stack([kept[k][n][0] for k in keys])
+            layer.fast_B = torch.stack([kept[k][n][1] for k in keys])
+        self._kept = kept  # only this batch's rows: the next one shares at most a boundary request
+
+    @contextmanager
+    def adapt_once(self):
+        """Scope in which each (seed, prompt) runs the inner loop once: the Monte Carlo
+        likelihood forwards one request's samples in several batches, and the released
+        evaluator adapts once per request, not once per forward."""
+        self._kept = {}
+        try:
+            yield self
+        finally:
+            self._kept = None
+
+    @staticmethod
+    def _row_keys(input_ids, attention_mask, prompt_mask, seeds) -> list[tuple]:
+        """(seed, prompt token ids) per row: what the inner loop of a row depends on."""
+        prompt = prompt_mask.bool() if attention_mask is None else prompt_mask.bool() & attention_mask.bool()
+        return [(int(s), tuple(ids[m].tolist())) for s, ids, m in zip(seeds, input_ids, prompt)]
+
+    def _adapt_rows(self, backbone, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
         self.end()
         if self.config.inner_steps == 0:
             return
+        self.adaptations += input_ids.shape[0]
         if backbone is not self.backbone and backbone.model is not self.backbone.model:
             raise ValueError("FastWeightMemory.begin got a different backbone than the one it was built for.")
         # The harness decodes under inference_mode; the inner loop needs autograd, so it leaves

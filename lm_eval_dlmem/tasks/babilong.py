@@ -26,6 +26,7 @@ from functools import lru_cache
 
 from .babi import TASKS, make_story
 from .common import (
+    key_request_cache_by_metadata,
     TaskDataError,
     TokenCounter,
     data_seed,
@@ -286,6 +287,7 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
         babilong_length: "0k", "1k", "2k", "4k", "8k", "16k" or "32k".
         **meta: the run's metadata; see the module docstring for the knobs.
     """
+    key_request_cache_by_metadata()
     if babilong_task not in TASKS:
         raise ValueError(f"babilong_task={babilong_task!r}; choose one of {', '.join(TASKS)}.")
     if babilong_length not in LENGTHS:

@@ -12,6 +12,9 @@ the first of the metadata keys `tokenizer`, `pretrained`, `model`, loaded withou
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import os
 import random
@@ -33,6 +36,39 @@ class TaskDataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Sizing tokenizer
 # ---------------------------------------------------------------------------------------------
+
+
+def key_request_cache_by_metadata() -> None:
+    """Make lm-eval's `--cache_requests` key of our tasks (`dlmem_*`) include their metadata.
+
+    lm-eval 0.4.13 keys cached requests by task name, shots, rank, chat template, system prompt
+    and tokenizer name only (`ConfigurableTask.build_all_requests`), but our documents are made
+    from the metadata (`--metadata` data_seed / num_samples / lengths, and the model args whose
+    tokenizer sizes the contexts): a rerun with other metadata would get the old prompts back.
+    The metadata's hash is appended to the `tokenizer_name` argument, which lm-eval uses only
+    for that key. Installed once per process by our dataset loaders, so before any of our tasks
+    builds its requests; other tasks are untouched.
+    """
+    from lm_eval.api.task import ConfigurableTask
+
+    original = ConfigurableTask.build_all_requests
+    if getattr(original, "keyed_by_metadata", False):
+        return
+
+    @functools.wraps(original)
+    def build_all_requests(self, *args, tokenizer_name: str = "", **kwargs):
+        if str(getattr(self.config, "task", "")).startswith("dlmem_"):
+            tokenizer_name = f"{tokenizer_name}-metadata{metadata_hash(self.config.metadata)}"
+        return original(self, *args, tokenizer_name=tokenizer_name, **kwargs)
+
+    build_all_requests.keyed_by_metadata = True
+    ConfigurableTask.build_all_requests = build_all_requests
+
+
+def metadata_hash(metadata) -> str:
+    """Short stable hash of a task's metadata dict."""
+    blob = json.dumps(metadata or {}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def tokenizer_name(meta: dict) -> str | None:

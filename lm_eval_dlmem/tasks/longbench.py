@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .common import (
+    key_request_cache_by_metadata,
     TaskDataError,
     TokenCounter,
     from_hub,
@@ -146,6 +147,7 @@ def _prompted(name: str, data_dir: str | None, max_length: int | None, tokenizer
 def load(longbench_task: str, **meta) -> dict:
     """lm-eval `custom_dataset`: `{"test": Dataset}` of one LongBench(-E) dataset, prompts built
     and middle-truncated to `max_length - max_gen` tokens of the evaluated model."""
+    key_request_cache_by_metadata()
     task_of(longbench_task)
     data_dir = option(meta, "longbench_data_dir", env=DATA_DIR_ENV)
     max_length = int_option(meta, "max_length", 0) or None

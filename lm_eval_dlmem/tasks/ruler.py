@@ -26,6 +26,7 @@ from . import ruler_niah as niah
 from . import ruler_qa as qa
 from . import ruler_synthetic as syn
 from .common import (
+    key_request_cache_by_metadata,
     TaskDataError,
     TokenCounter,
     clean_prediction,
@@ -215,6 +216,7 @@ def load(ruler_task: str, ruler_length, **meta) -> dict:
         ruler_length: target length in the model's tokens (prompt + generation budget).
         **meta: the run's metadata (model args, `--metadata`); see the module docstring.
     """
+    key_request_cache_by_metadata()
     if ruler_task not in TASKS:
         raise ValueError(f"ruler_task={ruler_task!r}; choose one of {', '.join(TASKS)}.")
     opts = Options.from_meta(meta, require_tokenizer_name(meta, "RULER"))

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-layer-fraction", type=float, default=0.1, help="fraction of the last blocks with fast weights")
     p.add_argument("--pre-anchor-scale", type=float, default=1.5, help="pre-anchor mask ratio / anchor mask ratio")
     p.add_argument("--inner-grad-clip", type=float, default=1.0, help="per-tensor gradient norm clip of the inner loop")
+    p.add_argument("--inner-targets", choices=["released", "ffn"], default="released",
+                   help="fast-weight targets: the released code's name matching (LLaDA-MoE experts without the "
+                        "shared expert, dense LLaDA only up_proj) or every FFN projection")
     p.add_argument("--inner-per-example", action="store_true",
                    help="one fast-weight set per example instead of one per micro-batch (released code)")
     p.add_argument("--time-epsilon", type=float, default=1e-3, help="smallest mask ratio t")
@@ -93,7 +96,7 @@ def inner_config(args) -> MemDLMConfig:
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, inner_rank=args.inner_rank,
         inner_alpha=args.inner_alpha, inner_layer_fraction=args.inner_layer_fraction,
         pre_anchor_scale=args.pre_anchor_scale, inner_grad_clip=args.inner_grad_clip,
-        seed=args.seed, loss_weight="scheduler",
+        seed=args.seed, loss_weight="scheduler", inner_targets=args.inner_targets,
     )
 
 

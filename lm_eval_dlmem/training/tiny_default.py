@@ -31,7 +31,8 @@ STAGES = ("tokenizer", "base", "data", "metastate", "memdlm", "export", "eval")
 BASE_TASKS = ("niah_noise:2,niah_prose:2,niah_multikey,niah_needles,niah_multivalue,niah_multiquery,vt,"
               "babi_qa1:2,babi_qa2,babi_qa3,babi_qa4,babi_qa5")
 # MemDLM's inner loop, the same in training (memdlm stage), the eval stage and `lm-eval-dlmem demo`
-INNER = {"inner_steps": 2, "inner_rank": 8, "inner_alpha": 16, "inner_layer_fraction": 0.25}
+# (`ffn` targets: the shipped adapter was trained with fast weights on all three FFN projections)
+INNER = {"inner_steps": 2, "inner_rank": 8, "inner_alpha": 16, "inner_layer_fraction": 0.25, "inner_targets": "ffn"}
 MEMORY_TASKS = "niah_noise,niah_prose,niah_multikey,niah_needles,niah_multivalue,niah_multiquery,vt,babi_qa1,babi_qa2"
 
 

@@ -86,6 +86,7 @@ def memdlm_command(out: str, seed: int) -> list[str]:
     return ["--backbone", os.path.join(out, "base"), "--data", os.path.join(out, "memory_train.jsonl"),
             "--eval-data", os.path.join(out, "memory_eval.jsonl"), "--no-chat-template", "--max-length", "1100",
             "--output-dir", os.path.join(out, "memdlm"), "--no-4bit", "--lora-r", "8", "--lora-alpha", "16",
+            "--truncation", "filter", "--batching", "random",  # as the shipped adapter was trained
             *(x for k, v in INNER.items() for x in (f"--{k.replace('_', '-')}", str(v))),
             "--max-steps", "300", "--batch-size", "2", "--lr", "2e-3", "--eval-batches", "4",
             "--save-every", "50", "--eval-every", "50", "--seed", str(seed), "--cpu"]

@@ -127,7 +127,8 @@ class DlmLM(TemplateLM):
             cfg = MemDLMConfig(
                 inner_steps=a.inner_steps, inner_lr=a.inner_lr, inner_rank=a.inner_rank,
                 inner_alpha=a.inner_alpha, inner_layer_fraction=a.inner_layer_fraction,
-                inner_mask_ratio=a.inner_mask_ratio, seed=a.seed,
+                inner_mask_ratio=a.inner_mask_ratio, seed=a.seed, inner_targets=a.inner_targets,
+                inner_adapter_dropout=a.inner_adapter_dropout,
             )
             return FastWeightMemory(self.backbone, cfg)
         return NoMemory()

@@ -38,7 +38,8 @@ class ModelArgs:
     logits_eos_inf, confidence_eos_eot_inf, stop_early.
     Likelihood: mc_num, mc_batch_size, check_greedy, likelihood_cfg.
     Memory: metastate (path, hub id or none), adapter (PEFT LoRA), inner_steps, inner_lr,
-    inner_rank, inner_alpha, inner_layer_fraction, inner_mask_ratio. Reproducibility: seed.
+    inner_rank, inner_alpha, inner_layer_fraction, inner_mask_ratio, inner_targets,
+    inner_adapter_dropout. Reproducibility: seed.
     """
 
     pretrained: str = ""
@@ -88,6 +89,8 @@ class ModelArgs:
     inner_alpha: float = 64.0
     inner_layer_fraction: float = 0.1
     inner_mask_ratio: float = 0.2
+    inner_targets: str = "released"  # fast-weight targets: released (the released code's) or ffn
+    inner_adapter_dropout: bool = True  # outer LoRA dropout on while the inner loop adapts (released)
     seed: int = 1234
     extra: dict = field(default_factory=dict, repr=False)
 

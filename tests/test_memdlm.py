@@ -81,7 +81,7 @@ def test_end_restores_the_exact_model_and_zero_steps_installs_nothing(backbones,
         off = FastWeightMemory(bb, MemDLMConfig(inner_steps=0))
         off.begin(bb, ids, attn, pm, [1, 2])
         assert not off.layers and torch.equal(bb.logits(ids, attn), frozen)
-        mem = FastWeightMemory(bb, MemDLMConfig())
+        mem = FastWeightMemory(bb, MemDLMConfig(inner_targets="ffn"))
         mem.begin(bb, ids, attn, pm, [1, 2])
         assert all(isinstance(getattr(p, n), FastLoRA) for p, n, _ in ffn_projections(bb, 0.1))
         assert not torch.allclose(bb.logits(ids, attn), frozen)
@@ -144,6 +144,41 @@ def test_inner_loop_lowers_the_prompt_loss_it_optimises(backbones, family):
     assert (after < before).all(), (before, after)
 
 
+@pytest.mark.parametrize(
+    "family, sizes, expected",
+    [
+        ("llada", {}, ["up_proj"]),  # the released names on a LLaDA block (ff_proj, up_proj, ff_out)
+        ("dream", {}, ["gate_proj", "up_proj", "down_proj"]),
+        # the shared expert sits on the block as `shared_expert`; the released code looks for
+        # `mlp.shared_experts`, so it gets no fast weights
+        ("llada_moe", {"shared_expert_intermediate_size": 16}, ["gate_proj", "up_proj", "down_proj"] * 4),
+    ],
+)
+def test_default_targets_are_the_released_codes(tmp_path, family, sizes, expected):
+    bb = load_backbone(make_tiny_checkpoint(family, tmp_path / family, **sizes))
+    mem = FastWeightMemory(bb, MemDLMConfig())
+    mem.install()
+    wrapped = [name for name, m in bb.model.named_modules() if isinstance(m, FastLoRA)]
+    assert [n.rsplit(".", 1)[1] for n in wrapped] == expected
+    assert not any("shared_expert" in n for n in wrapped)
+    mem.remove()
+    ours = FastWeightMemory(bb, MemDLMConfig(inner_targets="ffn"))
+    ours.install()
+    assert len(ours.layers) == len(ffn_projections(bb, 0.1)) >= len(expected)
+    ours.remove()
+    with pytest.raises(ValueError, match="inner_targets='all'"):
+        MemDLMConfig(inner_targets="all")
+
+
+def test_pre_anchor_size_is_computed_in_float32_like_the_released_code():
+    # 6 of 14 masked: 14 * (1.5 * 6/14) is 9.0 in float64 but 8.99999 in float32 -> 8 masks
+    maskable = torch.ones(1, 14, dtype=torch.bool)
+    anchor = torch.zeros(1, 14, dtype=torch.bool)
+    anchor[0, :6] = True
+    pre = anchor_states(maskable, anchor, 2, 1.5, [torch.Generator().manual_seed(0)])[0]
+    assert int(pre.sum()) == 8
+
+
 def test_anchor_states_are_nested_and_end_at_the_anchor():
     maskable = torch.ones(3, 100, dtype=torch.bool)
     maskable[2, 60:] = False
@@ -155,7 +190,8 @@ def test_anchor_states_are_nested_and_end_at_the_anchor():
         assert len(states) == steps
         pre = states[0]
         n, a = maskable.sum(1), anchor.sum(1)
-        assert torch.equal(pre.sum(1), torch.maximum(a, (n * (1.5 * a / n)).floor().long()))
+        start = torch.minimum((a.float() / n.float()) * 1.5, torch.ones(3))  # the released float32 ratio
+        assert pre.sum(1).tolist() == [max(int(ai), int(int(ni) * float(si))) for ai, ni, si in zip(a, n, start)]
         for bigger, smaller in zip(states, states[1:]):
             assert not (smaller & ~bigger).any() and (bigger.sum(1) >= smaller.sum(1)).all()
         assert not (anchor & ~states[-1]).any()
@@ -189,6 +225,80 @@ def test_fast_weights_sit_under_an_outer_adapter(tmp_path):
         mem.end()
         assert peft_layer.base_layer is original
         assert torch.equal(adapted.logits(ids, attn), outer_only)
+
+
+@pytest.fixture(scope="module")
+def adapted_moe(tmp_path_factory):
+    """A tiny LLaDA-MoE with a non-trivial outer LoRA (dropout 0.05, as MemDLM trains it)."""
+    tmp = tmp_path_factory.mktemp("moe_dropout")
+    base = make_tiny_checkpoint("llada_moe", tmp / "moe")
+    trained = add_outer_lora(load_backbone(str(base)))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    trained.model.save_pretrained(tmp / "adapter")
+    return apply_adapter(load_backbone(str(base)), str(tmp / "adapter"))
+
+
+def test_outer_lora_dropout_is_active_during_the_inner_loop_only(adapted_moe):
+    """The released evaluator adapts in train() mode, so the outer LoRA's dropout (0.05) acts on
+    the inner loop; decoding after it, and `inner_adapter_dropout=False`, are dropout-free."""
+    bb = adapted_moe
+    ids, attn, pm = prompts(bb, [14, 9])
+    dropouts = [m for m in bb.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(d.p == 0.05 for d in dropouts)
+
+    def run(**cfg):
+        mem = FastWeightMemory(bb, MemDLMConfig(inner_layer_fraction=0.5, **cfg))
+        with torch.inference_mode():
+            mem.begin(bb, ids, attn, pm, [3, 4])
+            out = bb.logits(ids, attn), torch.stack(mem.last_losses)
+            mem.end()
+        return out
+
+    logits, losses = run()
+    plain_logits, plain_losses = run(inner_adapter_dropout=False)
+    assert not torch.allclose(losses, plain_losses, atol=1e-6)  # the masks change the inner loss
+    assert not torch.allclose(logits, plain_logits, atol=1e-6)  # and so the fitted fast weights
+    again_logits, again_losses = run()
+    assert torch.equal(losses, again_losses) and torch.equal(logits, again_logits)  # seeded, not global RNG
+    # checkpointed blocks recompute the very same masks in the backward
+    nockpt_logits, nockpt_losses = run(checkpointing=False)
+    assert torch.allclose(nockpt_losses, losses, atol=1e-6) and torch.allclose(nockpt_logits, logits, atol=1e-5)
+    # restored afterwards: the original modules, and decoding stays dropout-free (eval mode)
+    assert [m for m in bb.model.modules() if isinstance(m, torch.nn.Dropout)] == dropouts
+    with torch.inference_mode():
+        assert torch.equal(bb.logits(ids, attn), bb.logits(ids, attn))
+
+
+def test_seeded_dropout_rate_and_batch_invariance(adapted_moe):
+    from lm_eval_dlmem.memory.adapters import DropoutRows, SeededDropout
+
+    offsets = torch.tensor([0, 3])
+    drop = SeededDropout(0.05, 0, DropoutRows([11, 12], offsets))
+    x = torch.ones(2, 40, 64)
+    y = drop(x)
+    zeros = float((y == 0).float().mean())
+    assert 0.035 < zeros < 0.065 and torch.allclose(y[y != 0], torch.tensor(1 / 0.95))
+    # row 1 alone (its padding removed) draws the same mask on its real tokens
+    alone = SeededDropout(0.05, 0, DropoutRows([12], torch.tensor([0])))(torch.ones(1, 37, 64))
+    assert torch.equal(alone[0], y[1, 3:])
+    # and the batched inner loop equals the rows one by one, dropout included
+    bb = adapted_moe
+    lengths, seeds = [14, 9], [5, 6]
+    ids, attn, pm = prompts(bb, lengths)
+    mem = FastWeightMemory(bb, MemDLMConfig(inner_layer_fraction=0.5))
+    with torch.inference_mode():
+        mem.begin(bb, ids, attn, pm, seeds)
+        batch_losses = torch.stack(mem.last_losses)
+        mem.end()
+        for i, n in enumerate(lengths):
+            row = slice(max(lengths) - n, None)
+            mem.begin(bb, ids[i : i + 1, row], attn[i : i + 1, row], pm[i : i + 1, row], [seeds[i]])
+            assert torch.allclose(torch.stack(mem.last_losses)[:, 0], batch_losses[:, i], atol=1e-5)
+            mem.end()
 
 
 def test_a_batch_without_prompt_tokens_keeps_the_identity(backbones):

@@ -132,3 +132,23 @@ def test_three_modes_through_the_lm_eval_cli(memdlm_adapter, tiny_ckpts, tmp_pat
     # the adapter changes the model, and the inner loop changes it again, per request
     assert scores["train-only"] != scores["baseline"]
     assert scores["train+inference"] != scores["train-only"]
+
+
+def test_released_data_defaults_and_length_grouped_batches():
+    """Defaults follow the released training (dllm right truncation, Trainer group_by_length);
+    `--truncation filter --batching random` is the paper's text / a plain shuffle."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from lm_eval_dlmem.training.memdlm import build_parser, epoch_batches
+
+    args = build_parser().parse_args(["--backbone", "b", "--data", "d.jsonl", "--output-dir", "o"])
+    assert (args.truncation, args.batching) == ("right", "length")
+    examples = [{"input_ids": [1] * n, "prompt_len": 1} for n in (5, 40, 3, 17, 9, 30, 2, 25, 11, 8, 6, 33)]
+    batches = epoch_batches(examples, 2, seed=7, epoch=1, rank=0, world=1, batching="length", group=4)
+    order = get_length_grouped_indices([len(e["input_ids"]) for e in examples], 4, generator=torch.Generator().manual_seed(8))
+    assert [id(e) for b in batches for e in b] == [id(examples[i]) for i in order]
+    assert max(len(e["input_ids"]) for e in batches[0]) == 40  # the longest batch first, as the Trainer does
+    shuffled = epoch_batches(examples, 2, seed=7, epoch=1, rank=0, world=1)
+    assert sorted(id(e) for b in shuffled for e in b) == sorted(map(id, examples))
+    two = [epoch_batches(examples, 2, seed=7, epoch=1, rank=r, world=2, batching="length", group=4) for r in (0, 1)]
+    assert [b for pair in zip(*two) for b in pair] == batches  # round-robin shards of the same order

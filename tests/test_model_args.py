@@ -59,3 +59,16 @@ def test_fingerprint_ignores_batch_size_only():
     b = ModelArgs.from_kwargs(pretrained="x", batch_size=8).fingerprint_fields()
     c = ModelArgs.from_kwargs(pretrained="x", steps=8).fingerprint_fields()
     assert a == b and a != c
+
+
+def test_memdlm_switches_default_to_the_released_code_and_reach_the_inner_loop_config():
+    from lm_eval_dlmem.memory.fast_weights import MemDLMConfig
+
+    a = ModelArgs.from_kwargs(pretrained="x")
+    assert (a.inner_targets, a.inner_adapter_dropout) == ("released", True)
+    assert (MemDLMConfig().inner_targets, MemDLMConfig().inner_adapter_dropout) == ("released", True)
+    a = ModelArgs.from_kwargs(pretrained="x", inner_targets="ffn", inner_adapter_dropout="false")
+    assert (a.inner_targets, a.inner_adapter_dropout) == ("ffn", False)
+    assert "inner_targets" in a.fingerprint_fields() and "inner_adapter_dropout" in a.fingerprint_fields()
+    with pytest.raises(ValueError, match=r"inner_targets='all'; choose one of \('released', 'ffn'\)"):
+        MemDLMConfig(inner_targets="all")

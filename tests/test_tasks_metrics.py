@@ -13,6 +13,7 @@ from lm_eval_dlmem.tasks.metrics import (
     code_sim_score,
     compare_answers,
     count_score,
+    fuzz_ratio,
     qa_f1_score,
     qa_f1_zh_score,
     retrieval_score,
@@ -139,16 +140,49 @@ def test_retrieval_and_count_scores_share_of_right_numbers():
     assert count_score("none", "7") == 0.0
 
 
-def test_code_sim_first_code_line_and_fuzzywuzzy_rounding():
+def test_code_sim_first_code_line_and_fuzzywuzzy_difflib_ratio():
     gold = "    return 2 * (width + height)"
     assert code_sim_score("```python\n# perimeter\n" + gold + "\n", gold) == 1.0
-    # Indel similarity: LCS("bcb", "cc/=b") = 2 -> 2*2/8 = 0.5 (difflib's matcher would say 0.25)
-    assert code_sim_score("bcb", "cc/=b") == 0.5
+    # fuzzywuzzy without python-Levenshtein (what LongBench installs) is difflib's greedy ratio:
+    # "bcb" vs "cc/=b" matches one block of 1 -> 2*1/8 = 0.25 (the Indel/rapidfuzz ratio says 0.5)
+    assert code_sim_score("bcb", "cc/=b") == 0.25
     assert code_sim_score("abcdefg", "abcdxyz") == round(100 * 8 / 14) / 100
     # upstream only strips leading newlines: a whitespace-only first line is the prediction,
     # whereas lm-eval skips blank lines and would score this 1.0
     assert code_sim_score("\n    \n" + gold, gold) == round(100 * 2 * 4 / (4 + len(gold))) / 100
     assert code_sim_score("", gold) == 0.0
+    assert fuzz_ratio("", "") == 100 and fuzz_ratio("a", "") == 0  # fuzzywuzzy's guards, in order
+
+
+def test_fuzz_ratio_is_difflib_sequence_matcher_with_autojunk():
+    import difflib
+    import random
+
+    rng = random.Random(0)
+    for n in (5, 40, 300):  # 300: difflib's autojunk (strings of 200+) is part of the definition
+        for _ in range(50):
+            a = "".join(rng.choice("ab c=(") for _ in range(rng.randint(1, n)))
+            b = "".join(rng.choice("ab c=(") for _ in range(rng.randint(1, n)))
+            want = 100 if a == b else round(100 * difflib.SequenceMatcher(None, a, b).ratio())
+            assert fuzz_ratio(a, b) == want
+
+
+def test_samsum_leading_newline_does_not_end_the_answer():
+    """Upstream stops samsum at a newline token but never at the first generated one
+    (min_length = prompt + 1), then scores the first line after leading newlines: an answer that
+    opens with a newline is scored on its next line, not as ""."""
+    from lm_eval.models.utils import postprocess_generated_text
+
+    from lm_eval_dlmem.tasks import configs
+
+    until = configs._longbench_task("samsum")["generation_kwargs"]["until"]
+    assert until == configs._longbench_task("samsum_e")["generation_kwargs"]["until"]
+    doc = {"dataset": "samsum", "answers": ["Tom will bring the cake."], "all_classes": [], "length": 10}
+    generated = "\nTom will bring the cake.\nDialogue: Ann: hi"
+    returned = postprocess_generated_text(generated, until, None)  # what the harness returns
+    assert longbench.score(doc, [returned])["score"] == pytest.approx(100.0)
+    # and the line after the answer never counts
+    assert longbench.score(doc, ["Tom will bring the cake.\nTom will bring the cake. Extra"])["score"] == pytest.approx(100.0)
 
 
 def test_longbench_score_first_line_cut_for_few_shot_tasks():

@@ -59,6 +59,11 @@ def test_tokenize_prompt_len_and_truncation(tokenizer):
     assert tokenizer.decode(ids[n:]).startswith("Mary is in the bathroom.")
     right = tokenize_pairs([("Where is Mary?", "the answer is " * 30)], tokenizer, max_length=40, truncation="right")
     assert len(right[0]["input_ids"]) == 40 and right[0]["prompt_len"] < 40
+    # dllm's right truncation drops only prompts longer than max_length (prompt_len <= max_length kept)
+    n_prompt = tokenize_pairs([("Where is Mary?", "x")], tokenizer, max_length=999)[0]["prompt_len"]
+    exact = tokenize_pairs([("Where is Mary?", "x")], tokenizer, max_length=n_prompt, truncation="right")
+    assert [e["prompt_len"] for e in exact] == [n_prompt]
+    assert tokenize_pairs([("Where is Mary?", "x")], tokenizer, max_length=n_prompt - 1, truncation="right") == []
     plain = tokenize_pairs([("q", "a")], tokenizer, max_length=16, chat_template=False)
     assert plain[0]["input_ids"][-1] == tokenizer.eos_token_id and plain[0]["prompt_len"] == 1
 

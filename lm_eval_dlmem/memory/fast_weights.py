@@ -4,11 +4,14 @@ inner loop on a masked-denoising loss over the prompt before decoding (Pei et al
     y = base(x) + (alpha / r) * x A_s^T B_s^T        A_s [r, in], B_s [out, r] for set s
 
 Every row of a batch owns a set s of fast weights (tensors [S, r, in] / [S, out, r], row i uses
-set i % S), so a batch adapts like its rows one by one. Targets are the gate/up/down projections
-of the last `inner_layer_fraction` of the blocks (LLaDA `ff_proj`/`up_proj`/`ff_out`; Dream
-`mlp.*_proj`; LLaDA-MoE every `mlp.experts[e].*_proj` and `shared_expert.*`). A projection that an
-outer PEFT LoRA already wraps gets the fast weights on its `.base_layer`, so the outer LoRA sits
-on top, as in the released code. Wrappers keep the original module as `base_layer`; removing
+set i % S), so a batch adapts like its rows one by one. Targets (`inner_targets`) in the last
+`inner_layer_fraction` of the blocks: `released` (default) matches the names gate_proj/up_proj/
+down_proj where the released `InnerLoRAManager` looks for them (LLaDA-MoE: every
+`mlp.experts[e].*_proj`, not the layer's `shared_expert`, which the released code looks for as
+`mlp.shared_experts`; dense LLaDA-8B: only the block's `up_proj`; Dream: `mlp.*_proj`); `ffn`
+takes every FFN projection (adds LLaDA-MoE's `shared_expert.*` and LLaDA's `ff_proj`/`ff_out`). A
+projection that an outer PEFT LoRA already wraps gets the fast weights on its `.base_layer`, so
+the outer LoRA sits on top, as in the released code. Wrappers keep the original module as `base_layer`; removing
 them puts the original objects back. Experts see a gathered subset of tokens; the backbone's
 `EXPERT_TOKENS` context variable tells their wrappers each token's row.
 
@@ -17,7 +20,8 @@ the pre-anchor adds random extra masks up to `pre_anchor_scale` times as many (n
 denoises state k to the clean prompt (pre-anchor first, anchor last), plain SGD with each fast
 tensor's gradient clipped per row to norm `inner_grad_clip`, token-normalised cross-entropy.
 Only the fast layers need gradients: the blocks before them run under no_grad once per stage and
-the boundary hidden state is detached.
+the boundary hidden state is detached. With an outer adapter its LoRA dropout is active during
+the inner loop (`inner_adapter_dropout`), as in the released evaluator, which adapts in train() mode.
 
 Shapes: B rows, L prompt canvas, C hidden, V vocab, S fast-weight sets, r rank.
 """
@@ -36,12 +40,14 @@ from torch.utils.checkpoint import checkpoint
 from ..backbones.common import default_positions, key_padding_mask
 from ..backbones.llada_moe import EXPERT_TOKENS
 from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
+from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
 from .base import Memory
 
 FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 LLADA_FFN_NAMES = ("ff_proj", "up_proj", "ff_out")  # LLaDA-8B blocks hold the FFN directly
 LOSS_WEIGHTS = ("uniform", "scheduler")
+RELEASED_NAMES = ("gate_proj", "up_proj", "down_proj")  # the released mem_inner_target_modules
 
 
 @dataclass
@@ -61,6 +67,11 @@ class MemDLMConfig:
         loss_weight: `uniform` (inference default) or `scheduler` (1/t, training).
         checkpointing: recompute the fast blocks in the backward (released default) to save
             activation memory on long prompts.
+        inner_targets: `released` (the released code's name matching: LLaDA-MoE experts without the
+            shared expert, dense LLaDA only `up_proj`) or `ffn` (every FFN projection).
+        inner_adapter_dropout: keep an outer adapter's LoRA dropout active during the inference inner
+            loop (`begin`), as the released evaluator does (it adapts in train() mode); False
+            adapts dropout-free. Training's inner loop follows the model's own mode.
     """
 
     inner_steps: int = 2
@@ -74,6 +85,8 @@ class MemDLMConfig:
     seed: int = 0
     loss_weight: str = "uniform"
     checkpointing: bool = True
+    inner_targets: str = "released"
+    inner_adapter_dropout: bool = True
 
     def __post_init__(self):
         if self.inner_steps < 0:
@@ -90,6 +103,8 @@ class MemDLMConfig:
             raise ValueError("inner_lr and inner_grad_clip must be >= 0.")
         if self.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"loss_weight={self.loss_weight!r}; choose one of {LOSS_WEIGHTS}.")
+        if self.inner_targets not in TARGETS:
+            raise ValueError(f"inner_targets={self.inner_targets!r}; choose one of {tuple(TARGETS)}.")
 
 
 class FastLoRA(nn.Module):
@@ -176,6 +191,34 @@ def ffn_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, boo
     return found
 
 
+def released_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, bool]]:
+    """The projections the released `InnerLoRAManager._inject` wraps, by its name matching: in a
+    block whose `mlp` has `experts`, each expert's gate/up/down_proj (and `mlp.shared_experts`'s,
+    a name LLaDA-MoE does not use: its shared expert sits on the block as `shared_expert`);
+    otherwise those names on `mlp`, `self_attn` (`attention`) and the block itself. So dense
+    LLaDA-8B (`ff_proj`, `up_proj`, `ff_out` on the block) gets only `up_proj`."""
+    layers = backbone.layers
+    first = max(0, int(len(layers) * (1.0 - fraction)))
+    found = []
+    for layer in list(layers)[first:]:
+        mlp = getattr(layer, "mlp", None)
+        if isinstance(mlp, nn.Module) and hasattr(mlp, "experts"):
+            groups = [(expert, True) for expert in mlp.experts]
+            groups += [(mlp.shared_experts, False)] if hasattr(mlp, "shared_experts") else []
+        else:
+            attn = getattr(layer, "self_attn", None) or getattr(layer, "attention", None)
+            groups = [(m, False) for m in (mlp, attn, layer) if isinstance(m, nn.Module)]
+        found += [(parent, name, expert) for parent, expert in groups for name in RELEASED_NAMES
+                  if isinstance(getattr(parent, name, None), nn.Module)]
+    if not found:
+        raise ValueError("No gate_proj/up_proj/down_proj found in the last layers (inner_targets=released); "
+                         "try inner_targets=ffn.")
+    return found
+
+
+TARGETS = {"released": released_projections, "ffn": ffn_projections}
+
+
 class FastWeightMemory(Memory):
     """MemDLM inference-time adaptation behind the `Memory` protocol.
 
@@ -196,6 +239,7 @@ class FastWeightMemory(Memory):
         self.last_losses: list[torch.Tensor] = []  # per stage, per set (after the last adapt)
         self._kept: dict | None = None  # inside adapt_once: (seed, prompt) -> per-layer (A, B)
         self.adaptations = 0  # rows that ran the inner loop (reused rows do not count)
+        self._dropout = None  # the outer adapter's seeded dropout, while `begin` adapts
 
     # ---- the Memory protocol ------------------------------------------------------------------
     def begin(self, backbone, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
@@ -257,7 +301,16 @@ class FastWeightMemory(Memory):
             self.reset(gens)
             anchor = prompt_anchor(maskable, self.config.inner_mask_ratio, gens)
             states = anchor_states(maskable, anchor, self.config.inner_steps, self.config.pre_anchor_scale, gens)
-            self.adapt(ids, attn, states, maskable)
+            if not self.config.inner_adapter_dropout:
+                self.adapt(ids, attn, states, maskable)
+                return
+            row_seeds = [(self.config.seed * 1_000_003 + int(s)) % 2**63 for s in seeds]
+            first = attn.argmax(1) if attn.shape[1] else torch.zeros(B, dtype=torch.long, device=ids.device)
+            with seeded_adapter_dropout(self.backbone.model, row_seeds, first) as self._dropout:
+                try:
+                    self.adapt(ids, attn, states, maskable)
+                finally:
+                    self._dropout = None
 
     def select(self, rows: torch.Tensor) -> None:
         for layer in self.layers:
@@ -274,7 +327,7 @@ class FastWeightMemory(Memory):
         if self.layers:
             return
         scaling = self.config.inner_alpha / self.config.inner_rank
-        for parent, name, in_expert in ffn_projections(self.backbone, self.config.inner_layer_fraction):
+        for parent, name, in_expert in TARGETS[self.config.inner_targets](self.backbone, self.config.inner_layer_fraction):
             module = getattr(parent, name)
             holder, attr = (module, "base_layer") if hasattr(module, "base_layer") else (parent, name)
             original = getattr(holder, attr)
@@ -322,7 +375,9 @@ class FastWeightMemory(Memory):
             per stage, the loss of each fast-weight set [S] (detached), also in `last_losses`.
         """
         losses = []
-        for masked in states:
+        for stage, masked in enumerate(states):
+            if self._dropout is not None:
+                self._dropout.stage = stage
             if not masked.any():  # nothing to denoise (e.g. an empty prompt): no step
                 losses.append(torch.zeros(self.layers[0].fast_A.shape[0], device=x0.device))
                 continue

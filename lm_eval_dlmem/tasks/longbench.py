@@ -1,7 +1,10 @@
 """LongBench v1 (THUDM/LongBench) and LongBench-E for lm-eval, scored like upstream `eval.py`.
 
 - Prompts: `longbench_prompts.PROMPTS`; generation budgets: `TASKS[name].max_gen`
-  (`dataset2maxlen.json`); greedy. samsum stops at a newline (upstream adds "\\n" as an EOS).
+  (`dataset2maxlen.json`); greedy; no stop strings. samsum's newline stop is applied when scoring:
+  upstream adds "\\n" as an EOS but with `min_length` = prompt + 1, so a leading newline never ends
+  the answer and the first line after it is scored; a stop string "\\n" would cut such an answer
+  to "" (score 0), so the task leaves the text whole and `score` takes that line.
 - Middle truncation (upstream `pred.py`): a prompt longer than `max_length - max_gen` tokens of
   the evaluated model keeps its first and last halves. `max_length` comes from `--model_args`
   (our models take it) or `--metadata max_length=N`; without one, prompts are left whole and the

@@ -14,6 +14,7 @@ from upstream, upstream wins (docs/tasks.md lists the differences):
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import string
@@ -157,22 +158,28 @@ def retrieval_zh_score(prediction: str, ground_truth: str, **_) -> float:
     return _number_share(prediction, re.findall(r"段落(\d+)", ground_truth)[0])
 
 
+def fuzz_ratio(a: str, b: str) -> int:
+    """fuzzywuzzy's `fuzz.ratio` as LongBench and lm-eval's `longbench` extra install it (without
+    python-Levenshtein): round(100 x `difflib.SequenceMatcher(None, a, b).ratio()`), with
+    fuzzywuzzy's guards: equal strings 100 (even two empty ones), one empty string 0.
+
+    Not the Indel similarity of python-Levenshtein/rapidfuzz: difflib matches greedily (longest
+    block first, autojunk on for strings of 200+ characters) and can score lower ("bcb" vs
+    "cc/=b": 25, Indel 50).
+    """
+    if a == b:
+        return 100
+    if not a or not b:
+        return 0
+    return int(round(100 * difflib.SequenceMatcher(None, a, b).ratio()))
+
+
 def code_sim_score(prediction: str, ground_truth: str, **_) -> float:
     """Similarity of the first code line of the prediction (after leading newlines; lines with
-    `, # or // are skipped) to the true next line: fuzzywuzzy's `fuzz.ratio` / 100.
-
-    `fuzz.ratio` with python-Levenshtein (fuzzywuzzy's fast path) is round(100 x Indel
-    similarity), which is `round(rapidfuzz.fuzz.ratio(a, b))`: equal strings 100, one empty 0.
-    """
-    from rapidfuzz import fuzz
-
+    `, # or // are skipped) to the true next line: `fuzz_ratio` / 100, as upstream."""
     line = next((ln for ln in prediction.lstrip("\n").split("\n")
                  if "`" not in ln and "#" not in ln and "//" not in ln), "")
-    if line == ground_truth:
-        return 1.0
-    if not line or not ground_truth:
-        return 0.0
-    return round(fuzz.ratio(line, ground_truth)) / 100
+    return fuzz_ratio(line, ground_truth) / 100
 
 
 def classification_score(prediction: str, ground_truth: str, *, all_classes, **_) -> float:

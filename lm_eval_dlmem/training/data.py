@@ -112,8 +112,9 @@ def tokenize_pairs(
         tokenizer: a HF tokenizer (with a chat template when `chat_template` is True).
         max_length: longest example kept, in tokens.
         chat_template: wrap the prompt in the chat template (user turn + generation prompt).
-        truncation: `filter` drops over-long examples (the MemDLM paper); `right` cuts the
-            response to fit and drops only examples whose prompt alone is too long.
+        truncation: `filter` drops over-long examples (the MemDLM paper's text); `right` cuts
+            the response to fit and drops only examples whose prompt alone is longer than
+            `max_length` (dllm's `post_process_dataset`, the released MemDLM training's default).
 
     Returns:
         list of {"input_ids": list[int], "prompt_len": int}.
@@ -127,7 +128,7 @@ def tokenize_pairs(
         prompt_ids, response_ids = _encode_pair(prompt, response, tokenizer, chat_template)
         ids = prompt_ids + response_ids
         if len(ids) > max_length:
-            if truncation == "filter" or len(prompt_ids) >= max_length:
+            if truncation == "filter" or len(prompt_ids) > max_length:
                 continue
             ids = ids[:max_length]
         examples.append({"input_ids": ids, "prompt_len": len(prompt_ids)})

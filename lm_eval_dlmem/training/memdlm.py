@@ -15,6 +15,9 @@ Each micro-batch (B examples, L tokens, prompts never masked):
 The base is NF4 4-bit with double quantisation on CUDA (float32 on CPU), outer LoRA on every
 linear layer of the blocks (r 32, alpha 64, dropout 0.05). The EOS right padding is part of the
 response (the model learns to end), and attention spans the whole padded row, as released.
+Data as the released training feeds it by default: over-long examples right-truncated
+(`--truncation filter` drops them, as the paper's text says) and batches grouped by length
+(`--batching random` for a plain shuffle).
 The result is a PEFT adapter directory that `adapter=` / `apply_adapter` loads.
 """
 
@@ -56,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inner-layer-fraction", type=float, default=0.1, help="fraction of the last blocks with fast weights")
     p.add_argument("--pre-anchor-scale", type=float, default=1.5, help="pre-anchor mask ratio / anchor mask ratio")
     p.add_argument("--inner-grad-clip", type=float, default=1.0, help="per-tensor gradient norm clip of the inner loop")
+    p.add_argument("--inner-targets", choices=["released", "ffn"], default="released",
+                   help="fast-weight targets: the released code's name matching (LLaDA-MoE experts without the "
+                        "shared expert, dense LLaDA only up_proj) or every FFN projection")
     p.add_argument("--inner-per-example", action="store_true",
                    help="one fast-weight set per example instead of one per micro-batch (released code)")
     p.add_argument("--time-epsilon", type=float, default=1e-3, help="smallest mask ratio t")
@@ -66,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", default=None, help="held-out pairs (default: a --eval-fraction split of --data)")
     p.add_argument("--eval-fraction", type=float, default=0.05, help="share of --data held out when --eval-data is absent")
     p.add_argument("--max-length", type=int, default=4096, help="longest example in tokens")
-    p.add_argument("--truncation", choices=["filter", "right"], default="filter", help="drop (paper) or cut over-long examples")
+    p.add_argument("--truncation", choices=["filter", "right"], default="right",
+                   help="over-long examples: right = cut the response (released code: dllm's default), "
+                        "filter = drop them (the paper's text)")
+    p.add_argument("--batching", choices=["length", "random"], default="length",
+                   help="length = batches of similar length (released code: Trainer group_by_length), "
+                        "random = a plain seeded shuffle")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt + response + EOS without the chat template")
     # optimisation
     p.add_argument("--epochs", type=float, default=5.0, help="passes over the training data")
@@ -93,7 +104,7 @@ def inner_config(args) -> MemDLMConfig:
         inner_steps=args.inner_steps, inner_lr=args.inner_lr, inner_rank=args.inner_rank,
         inner_alpha=args.inner_alpha, inner_layer_fraction=args.inner_layer_fraction,
         pre_anchor_scale=args.pre_anchor_scale, inner_grad_clip=args.inner_grad_clip,
-        seed=args.seed, loss_weight="scheduler",
+        seed=args.seed, loss_weight="scheduler", inner_targets=args.inner_targets,
     )
 
 
@@ -138,9 +149,23 @@ def load_examples(args, tokenizer) -> tuple[list[dict], list[dict]]:
     return tok(pairs[n_eval:]), tok(pairs[:n_eval])
 
 
-def epoch_batches(examples, batch_size: int, seed: int, epoch: int, rank: int, world: int) -> list[list[dict]]:
-    """This process's micro-batches of one epoch (a seeded shuffle, sharded round-robin)."""
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+def epoch_batches(examples, batch_size: int, seed: int, epoch: int, rank: int, world: int,
+                  batching: str = "random", group: int | None = None) -> list[list[dict]]:
+    """This process's micro-batches of one epoch, sharded round-robin.
+
+    `random`: a seeded shuffle. `length`: transformers' `get_length_grouped_indices`, the order
+    the released Trainer's `group_by_length` draws (random mega-batches of 50 groups of `group`
+    examples, each sorted longest first, the longest group first); `group` is the examples per
+    optimizer step of one process (batch x accumulation), as the Trainer sizes it.
+    """
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    gen = torch.Generator().manual_seed(seed + epoch)
+    if batching == "length":
+        lengths = [len(e["input_ids"]) for e in examples]
+        order = get_length_grouped_indices(lengths, group or batch_size, generator=gen)
+    else:
+        order = torch.randperm(len(examples), generator=gen).tolist()
     batches = [[examples[i] for i in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
     usable = len(batches) - len(batches) % world  # every process takes the same number of steps
     return batches[rank:usable:world]
@@ -251,7 +276,7 @@ class Run:
         if not self.train:
             raise SystemExit(f"No training example is <= --max-length {args.max_length} tokens; raise it or use --truncation right.")
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.n_micro = len(epoch_batches(self.train, args.batch_size, args.seed, 0, self.rank, self.world))
+        self.n_micro = len(self.epoch(0))
         if self.n_micro == 0:
             raise SystemExit("Fewer training batches than processes; lower --batch-size or add data.")
         per_epoch = max(1, self.n_micro // args.grad_accum)
@@ -268,11 +293,16 @@ class Run:
             self.step = restore(resume, self.backbone, self.optimizer, self.scheduler)
             accelerator.print(f"[memdlm] resumed from {resume} at step {self.step}")
 
+    def epoch(self, epoch: int) -> list[list[dict]]:
+        a = self.args
+        return epoch_batches(self.train, a.batch_size, a.seed, epoch, self.rank, self.world,
+                             batching=a.batching, group=a.batch_size * a.grad_accum)
+
     def micro_batch(self, m: int) -> dict:
         epoch, i = divmod(m, self.n_micro)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = epoch_batches(self.train, self.args.batch_size, self.args.seed, epoch, self.rank, self.world)
+            self._batches = self.epoch(epoch)
         batch = collate(self._batches[i], self.backbone.spec.eos_id)
         return {k: v.to(self.acc.device) for k, v in batch.items()}
 

@@ -31,7 +31,8 @@ STAGES = ("tokenizer", "base", "data", "metastate", "memdlm", "export", "eval")
 BASE_TASKS = ("niah_noise:2,niah_prose:2,niah_multikey,niah_needles,niah_multivalue,niah_multiquery,vt,"
               "babi_qa1:2,babi_qa2,babi_qa3,babi_qa4,babi_qa5")
 # MemDLM's inner loop, the same in training (memdlm stage), the eval stage and `lm-eval-dlmem demo`
-INNER = {"inner_steps": 2, "inner_rank": 8, "inner_alpha": 16, "inner_layer_fraction": 0.25}
+# (`ffn` targets: the shipped adapter was trained with fast weights on all three FFN projections)
+INNER = {"inner_steps": 2, "inner_rank": 8, "inner_alpha": 16, "inner_layer_fraction": 0.25, "inner_targets": "ffn"}
 MEMORY_TASKS = "niah_noise,niah_prose,niah_multikey,niah_needles,niah_multivalue,niah_multiquery,vt,babi_qa1,babi_qa2"
 
 
@@ -85,6 +86,7 @@ def memdlm_command(out: str, seed: int) -> list[str]:
     return ["--backbone", os.path.join(out, "base"), "--data", os.path.join(out, "memory_train.jsonl"),
             "--eval-data", os.path.join(out, "memory_eval.jsonl"), "--no-chat-template", "--max-length", "1100",
             "--output-dir", os.path.join(out, "memdlm"), "--no-4bit", "--lora-r", "8", "--lora-alpha", "16",
+            "--truncation", "filter", "--batching", "random",  # as the shipped adapter was trained
             *(x for k, v in INNER.items() for x in (f"--{k.replace('_', '-')}", str(v))),
             "--max-steps", "300", "--batch-size", "2", "--lr", "2e-3", "--eval-batches", "4",
             "--save-every", "50", "--eval-every", "50", "--seed", str(seed), "--cpu"]

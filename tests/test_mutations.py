@@ -197,6 +197,31 @@ def test_likelihood_truncation_keeps_the_end_of_the_context(tiny_lm, monkeypatch
     assert prefix == ctx_ids[-len(prefix):]
 
 
+@pytest.mark.parametrize("side", ["left", "middle", "right"])
+def test_generation_prompts_are_cut_on_the_side_asked_for(tiny_lm, monkeypatch, side):
+    """Kills: `truncation_side` ignored (or a fixed side) when a prompt exceeds
+    max_length - gen_length: `left` keeps the end, `right` the start, `middle` both ends."""
+    import lm_eval_dlmem.decoding.engine as engine
+
+    seen = []
+
+    def fake_generate(backbone, input_ids, attention_mask, config, memory=None, **kw):
+        seen.append((input_ids[0].tolist(), config.gen_length))
+        return torch.full((input_ids.shape[0], config.gen_length), backbone.spec.eos_id)
+
+    monkeypatch.setattr(engine, "generate", fake_generate)
+    monkeypatch.setattr(tiny_lm.args, "block_length", 4)
+    monkeypatch.setattr(tiny_lm.args, "truncation_side", side)
+    prompt = " ".join(f"word{i}" for i in range(40))
+    gen = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
+    tiny_lm.generate_until([Instance("generate_until", doc={}, arguments=(prompt, gen), idx=0)], disable_tqdm=True)
+    ((ids, gen_length),) = seen
+    full, budget = tiny_lm.tok_encode(prompt), 16 - gen_length
+    half = budget // 2
+    expected = {"left": full[-budget:], "right": full[:budget], "middle": full[:half] + full[-(budget - half):]}
+    assert len(full) > budget and ids == expected[side]
+
+
 def test_a_tasks_top_p_and_top_k_reach_the_sampler(tiny_lm, monkeypatch):
     """Kills: `decode_config` ignoring the task's `top_p` (or `top_k`): the values in a task's
     generation_kwargs must be the ones Dream's sampler filters with; a model arg overrides them."""

@@ -339,3 +339,27 @@ def test_left_pad_layout():
     assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     ids, mask = left_pad([[5, 6], [7, 8]], pad_id=1)
     assert ids.tolist() == [[5, 6], [7, 8]] and mask is None
+
+
+@pytest.mark.parametrize("strategy", ["llada", "threshold"])
+def test_top_p_and_top_k_shape_the_llada_and_threshold_draws(strategy):
+    """A task's top_p/top_k must reach LLaDA's Gumbel draw too, not only Dream's sampler:
+    top_k=1 (or a tiny top_p) at temperature 1 leaves only the argmax to sample."""
+    from types import SimpleNamespace
+
+    from lm_eval_dlmem.decoding.strategies import RowRandom, llada_commit, threshold_commit
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 50)
+    masked = torch.ones(2, 6, dtype=torch.bool)
+    spec = SimpleNamespace(mask_id=49, eos_id=48, eot_id=47)
+    greedy = logits[..., :49].argmax(-1)
+    commit = llada_commit if strategy == "llada" else threshold_commit
+
+    def draw(**kw):
+        cfg = DecodeConfig(gen_length=6, steps=6, block_length=6, temperature=1.0, threshold=0.9, **kw)
+        return commit(logits.clone(), masked, 1, cfg, spec, RowRandom.from_seeds([1, 2], "cpu"))[0]
+
+    assert not torch.equal(draw(), greedy)  # at temperature 1 the draw is not the argmax
+    assert torch.equal(draw(top_k=1), greedy)
+    assert torch.equal(draw(top_p=1e-6), greedy)

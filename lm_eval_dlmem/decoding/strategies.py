@@ -166,7 +166,7 @@ def llada_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: RowRan
     """
     if config.logits_eos_inf:
         suppress(logits, (spec.eos_id,))
-    x0 = rng.gumbel_argmax(logits, config.temperature, spec.mask_id)
+    x0 = rng.gumbel_argmax(nucleus(logits, config), config.temperature, spec.mask_id)
     if config.remasking == "low_confidence":
         conf_logits = logits
         if config.confidence_eos_eot_inf:
@@ -186,6 +186,20 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = torch.zeros_like(cum, dtype=torch.bool)
     drop[..., 1:] = cum[..., :-1] > top_p  # shifted right: the token that crosses top_p stays
     return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), torch.finfo(logits.dtype).min)
+
+
+def nucleus(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """The logits a temperature draw samples from, after the task's (or model args') `top_p` /
+    `top_k`. The official LLaDA `generate()` has neither, so with both unset this is the
+    identity; at temperature 0 the argmax always survives the filters, so greedy decoding is
+    unchanged. The confidence that ranks positions stays on the unfiltered logits."""
+    if config.temperature == 0:
+        return logits
+    if config.top_p is not None and config.top_p < 1:
+        logits = filter_top_p(logits, config.top_p)
+    if config.top_k is not None:
+        logits = filter_top_k(logits, config.top_k)
+    return logits
 
 
 def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -273,7 +287,8 @@ def threshold_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: Ro
     active = masked.any(-1).nonzero().squeeze(-1).tolist()
     x0 = argmax_without(logits, spec.mask_id)
     if active:
-        x0[active] = rng.select(active).gumbel_argmax(logits[active], config.temperature, spec.mask_id)
+        x0[active] = rng.select(active).gumbel_argmax(nucleus(logits[active], config), config.temperature,
+                                                        spec.mask_id)
     conf_logits = logits.float()
     if config.confidence_eos_eot_inf:
         conf_logits = eos_eot_confidence_logits(conf_logits, spec, config.temperature)

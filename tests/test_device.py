@@ -44,20 +44,32 @@ def _unavailable(device: str) -> str | None:
 pytestmark = pytest.mark.skipif(_unavailable(DEVICE) is not None, reason=str(_unavailable(DEVICE)))
 
 
+class Lazy(dict):
+    """family -> value, made on first use (so `-k llada` builds one family, not three)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, family):
+        self[family] = self.make(family)
+        return self[family]
+
+
 @pytest.fixture(scope="module")
 def peaked_ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("peaked")
-    return {f: make_tiny_checkpoint(f, root / f, seed=1, **PEAKED[f]) for f in FAMILIES}
+    return Lazy(lambda f: make_tiny_checkpoint(f, root / f, seed=1, **PEAKED[f]))
 
 
 @pytest.fixture(scope="module")
 def on_cpu(peaked_ckpts):
-    return {f: load_backbone(p, dtype="float32", device="cpu") for f, p in peaked_ckpts.items()}
+    return Lazy(lambda f: load_backbone(peaked_ckpts[f], dtype="float32", device="cpu"))
 
 
 @pytest.fixture(scope="module")
 def on_device(peaked_ckpts):
-    return {f: load_backbone(p, dtype="float32", device=DEVICE) for f, p in peaked_ckpts.items()}
+    return Lazy(lambda f: load_backbone(peaked_ckpts[f], dtype="float32", device=DEVICE))
 
 
 def _batch(lengths=(14, 9), seed=0, pad_id=0):

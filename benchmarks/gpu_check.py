@@ -422,18 +422,21 @@ def section_decode(ctx: Context) -> None:
     """tokens/s of cache=none (timed over the first steps) and of dual + threshold 0.9 (whole run)."""
     p = ctx.plan
     ctx.reset_peak()
+    ctx.doing = "build LLaDA-8B shape"
     bb, build_s = ctx.timed(lambda: llada_8b(ctx))
     weights = gib(weight_bytes(bb.model))
     shape = f"prompt {p.prompt}, gen {p.gen}, block {p.block}"
     ctx.report.add("decode", "build LLaDA-8B shape, random init, on device", f"{build_s:.1f} s", ctx.peak(), weights,
                    f"{sum(t.numel() for t in bb.model.parameters()) / 1e9:.2f}B parameters, {p.dtype}")
     for B in p.batches:
+        ctx.doing = f"batch {B}: cache=none, 1 token/step"
         ids = random_prompts(bb, B, p.prompt)
         decode(ctx, bb, ids, official_config(p.gen, p.block), limit=1)  # warm-up: kernels, allocator
         ctx.reset_peak()
         steps, _, seconds = decode(ctx, bb, ids, official_config(p.gen, p.block), limit=p.official_steps)
         ctx.report.add("decode", f"batch {B}: cache=none, 1 token/step", f"{B * steps / seconds:.1f} tok/s", ctx.peak(),
                        weights, f"{shape}; first {steps} of {p.gen} steps timed")
+        ctx.doing = f"batch {B}: cache=dual, threshold=0.9"
         decode(ctx, bb, ids, fast_config(p.gen, p.block), limit=2)
         ctx.reset_peak()
         tokens, forwards, seconds = decode(ctx, bb, ids, fast_config(p.gen, p.block))
@@ -456,6 +459,7 @@ def section_likelihood(ctx: Context) -> None:
     loglikelihood(bb, requests[:1], mc_num=p.mc_num, batch_size=max(p.ll_batches))  # warm-up
     scores = {}
     for B in p.ll_batches:
+        ctx.doing = f"mc_batch_size {B}"
         ctx.reset_peak()
         scores[B], seconds = ctx.timed(lambda: loglikelihood(bb, requests, mc_num=p.mc_num, batch_size=B))
         ctx.report.add("likelihood", f"mc_batch_size {B}", f"{len(requests) / seconds:.2f} requests/s", ctx.peak(),
@@ -487,15 +491,17 @@ def overhead_rows(ctx: Context, section: str, bb, modes: dict, with_metastate: b
 
     inner_loop()  # warm-up (autograd, kernels)
     for mode, config in modes.items():
+        ctx.doing = f"{mode}: frozen decode, + MetaState, MemDLM"
         decode(ctx, bb, ids, config, limit=2)
         ctx.reset_peak()
         _, _, base = decode(ctx, bb, ids, config)
         ctx.report.add(section, f"{mode}: frozen decode, gen {G}", f"{base:.2f} s", ctx.peak(), weights, f"batch 1, prompt {p.prompt}")
         if with_metastate:
             ms = MetaState.init_for(bb)
+            decode(ctx, bb, ids, config, ms, limit=2)  # warm-up: its fp32 kernels
             ctx.reset_peak()
             _, _, t = decode(ctx, bb, ids, config, ms)
-            n = sum(t.numel() for t in ms.parameters())
+            n = sum(w.numel() for w in ms.parameters())
             ctx.report.add(section, f"{mode}: + MetaState (default size)", f"{t / base - 1:+.1%} decode time", ctx.peak(),
                            f"{weights} + {gib(n * 4)}", f"{n / 1e6:.1f}M parameters (fp32); target <= 5%")
             del ms
@@ -503,6 +509,7 @@ def overhead_rows(ctx: Context, section: str, bb, modes: dict, with_metastate: b
         _, t_inner = ctx.timed(inner_loop)
         ctx.report.add(section, f"{mode}: MemDLM inner loop", f"{t_inner / base:.1%} of decode time ({t_inner:.2f} s)",
                        ctx.peak(), weights, f"{memdlm.config.inner_steps} SGD steps on the prompt; target <= 15%")
+        decode(ctx, bb, ids, config, memdlm, limit=2)  # warm-up: the fast-weight shapes
         ctx.reset_peak()
         _, _, t = decode(ctx, bb, ids, config, memdlm)
         ctx.report.add(section, f"{mode}: decode with MemDLM", f"{t / base - 1:+.1%} decode time", ctx.peak(), weights,
@@ -520,6 +527,7 @@ def section_memory_moe(ctx: Context) -> None:
     p = ctx.plan
     ctx.release()  # the 8B model is done with
     ctx.reset_peak()
+    ctx.doing = "build LLaDA-MoE-7B-A1B shape"
     bb, build_s = ctx.timed(lambda: random_backbone("llada_moe", p.moe, p.moe_vocab, p.device, p.dtype))
     ctx.models["moe"] = bb
     ctx.report.add("memory_moe", "build LLaDA-MoE-7B-A1B shape, random init", f"{build_s:.1f} s", ctx.peak(),

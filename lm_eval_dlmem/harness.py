@@ -59,6 +59,7 @@ class DlmLM(TemplateLM):
             a.pretrained, family=a.family, dtype=a.dtype, device=self._device_for_load(),
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
             device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
+            strict_weights=a.strict_weights,
         )
         if self.family and self.backbone.family != self.family:
             log.warning("%s is set up for %s checkpoints; %s is a %s checkpoint. Proceeding with its own "
@@ -109,10 +110,13 @@ class DlmLM(TemplateLM):
 
             return load_memory_for(a.metastate, self.backbone)
         if a.adapter:
+            from .memory.adapters import AdapterKeysError
             from .memory.fast_weights import apply_adapter
 
             try:
-                self.backbone = apply_adapter(self.backbone, a.adapter)
+                self.backbone = apply_adapter(self.backbone, a.adapter, strict=a.strict_weights)
+            except AdapterKeysError:
+                raise  # names the keys itself
             except (RuntimeError, ValueError) as e:  # PEFT: no matching modules / size mismatch
                 cfg = self.backbone.config
                 raise ValueError(

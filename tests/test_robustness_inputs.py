@@ -204,3 +204,60 @@ def test_matching_adapters_load_and_change_the_answers(tiny_ckpts, llada_adapter
     base = frozen.logits(ids)
     adapted = apply_adapter(frozen, llada_adapter).logits(ids)
     assert not torch.allclose(base, adapted)
+
+
+# ---- 5. resume never unpickles code -------------------------------------------------------------
+class RunsCode:
+    """What a crafted trainer_state.pt holds: unpickling it calls os.makedirs(marker)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def crafted_checkpoint(src, dst, marker):
+    """A copy of checkpoint directory `src` (or an empty one) with a code-running trainer_state.pt."""
+    if src:
+        shutil.copytree(src, dst)
+    else:
+        os.makedirs(dst)
+    torch.save({"optimizer": RunsCode(marker), "scheduler": {}, "step": 2}, os.path.join(dst, "trainer_state.pt"))
+    return str(dst)
+
+
+def test_a_code_running_trainer_state_is_refused(tmp_path):
+    from lm_eval_dlmem.training.state import load_trainer_state
+
+    ckpt = crafted_checkpoint(None, tmp_path / "ckpt", tmp_path / "pwned")
+    with pytest.raises(ValueError, match="trainer_state.pt holds more than tensors.*not loaded.*could run code"):
+        load_trainer_state(ckpt)
+    assert not os.path.exists(tmp_path / "pwned")
+
+
+def test_every_resume_path_reads_the_state_weights_only(tiny_ckpts, llada_adapter, tmp_path):
+    """pretrain, metastate and memdlm resume through the refusing loader: the crafted state stops
+    each one before anything in it runs."""
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.memory.adapters import add_outer_lora
+    from lm_eval_dlmem.memory.metastate import MetaState
+    from lm_eval_dlmem.training import memdlm, metastate, pretrain
+
+    marker = tmp_path / "pwned"
+    refused = pytest.raises(ValueError, match="trainer_state.pt holds more than tensors")
+    ckpt = crafted_checkpoint(tiny_ckpts["llada"], tmp_path / "pretrain", marker)
+    with refused:
+        pretrain.setup(pretrain.build_parser().parse_args(["--output-dir", str(tmp_path / "out"), "--resume", ckpt]))
+
+    ms = tmp_path / "ms"
+    MetaState.init_for(load_backbone(tiny_ckpts["llada"]), slots=2, width=16, heads=2).save_pretrained(ms)
+    ckpt = crafted_checkpoint(ms, tmp_path / "metastate", marker)
+    with refused:
+        metastate.main(["--backbone", tiny_ckpts["llada"], "--data", "unused.jsonl", "--output-dir", str(tmp_path / "out"),
+                        "--slots", "2", "--width", "16", "--heads", "2", "--cpu", "--resume", ckpt])
+
+    ckpt = crafted_checkpoint(llada_adapter, tmp_path / "memdlm", marker)
+    with refused:
+        memdlm.restore(ckpt, add_outer_lora(load_backbone(tiny_ckpts["llada"]), r=2, alpha=4), None, None)
+    assert not marker.exists()

@@ -59,6 +59,7 @@ class DlmLM(TemplateLM):
             a.pretrained, family=a.family, dtype=a.dtype, device=self._device_for_load(),
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
             device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
+            strict_weights=a.strict_weights,
         )
         if self.family and self.backbone.family != self.family:
             log.warning("%s is set up for %s checkpoints; %s is a %s checkpoint. Proceeding with its own "
@@ -109,10 +110,13 @@ class DlmLM(TemplateLM):
 
             return load_memory_for(a.metastate, self.backbone)
         if a.adapter:
+            from .memory.adapters import AdapterKeysError
             from .memory.fast_weights import apply_adapter
 
             try:
-                self.backbone = apply_adapter(self.backbone, a.adapter)
+                self.backbone = apply_adapter(self.backbone, a.adapter, strict=a.strict_weights)
+            except AdapterKeysError:
+                raise  # names the keys itself
             except (RuntimeError, ValueError) as e:  # PEFT: no matching modules / size mismatch
                 cfg = self.backbone.config
                 raise ValueError(
@@ -237,8 +241,12 @@ class DlmLM(TemplateLM):
             confidence_eos_eot_inf=a.confidence_eos_eot_inf, stop_early=a.stop_early, seed=a.seed,
         )
 
-    def request_seed(self, *parts) -> int:
-        """Seed from the request's content: independent of batch size, order and rank."""
+    def request_seed(self, *parts, repeat: int = 0) -> int:
+        """Seed from the request's content and its repeat index: independent of batch size,
+        order and rank. `repeat` k > 0 (the k-th copy of a `repeats: K` request) mixes k in, so
+        sampled repeats differ; repeat 0 keeps the content-only seed of a single request."""
+        if repeat:
+            parts = (*parts, {"repeat": int(repeat)})
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return (self.args.seed * 1_000_003 + zlib.crc32(blob)) % (2**31 - 1)
 
@@ -254,6 +262,7 @@ class DlmLM(TemplateLM):
         if not requests:
             return []
         items = [(req.args[0], req.args[1]) for req in requests]
+        repeats = repeat_indices(requests)
         encoded = {i: self.tok_encode(ctx) for i, (ctx, _) in enumerate(items)}
         collator = Collator(
             list(enumerate(items)),
@@ -265,7 +274,7 @@ class DlmLM(TemplateLM):
         bar = tqdm(total=len(items), disable=disable_tqdm or self.rank != 0, desc="generate_until")
         self._truncated_warned = 0
         for chunk in collator.get_batched(n=self._batch_n(), batch_fn=None):
-            texts = self._run_with_backoff(lambda part: self._generate_chunk(part, encoded, generate), chunk)
+            texts = self._run_with_backoff(lambda part: self._generate_chunk(part, encoded, repeats, generate), chunk)
             for (idx, (ctx, gk)), text in zip(chunk, texts):
                 self.cache_hook.add_partial("generate_until", (ctx, gk), text)
                 results.append(text)
@@ -276,7 +285,7 @@ class DlmLM(TemplateLM):
                         self._truncated_warned, self.args.truncation_side)
         return collator.get_original(results)
 
-    def _generate_chunk(self, chunk, encoded, generate) -> list[str]:
+    def _generate_chunk(self, chunk, encoded, repeats, generate) -> list[str]:
         gen_kwargs = normalize_gen_kwargs(chunk[0][1][1], default_max_gen_toks=256)
         eos_text = self.tokenizer.decode([self.spec.eos_id], skip_special_tokens=False)
         until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
@@ -295,7 +304,7 @@ class DlmLM(TemplateLM):
         # the decoder needs one real token per row to left-pad against
         prompts = [self._fit_prompt(encoded[idx], budget) or [self.prefix_token_id] for idx, _ in chunk]
         input_ids, attention_mask = self._left_pad(prompts)
-        seeds = [self.request_seed(ctx, gk) for _, (ctx, gk) in chunk]
+        seeds = [self.request_seed(ctx, gk, repeat=repeats[idx]) for idx, (ctx, gk) in chunk]
         stops = [s for s in until if s]
         with torch.inference_mode():
             out = generate(self.backbone, input_ids, attention_mask, config, self.memory,
@@ -417,6 +426,23 @@ def warn_is_greedy_not_computed(undecided: int, total: int) -> None:
         "tokens need one forward per token): they are reported as not greedy, so the `acc` metric of "
         "loglikelihood tasks (lambada-style) and the `exact_match` metric of multiple-choice tasks "
         "read 0 for them. Pass check_greedy=True in --model_args to compute it.", undecided, total)
+
+
+def repeat_indices(requests) -> list[int]:
+    """k for the k-th copy of a request in the list, 0 for a request that appears once.
+
+    lm-eval runs a task's `repeats: K` by passing each `Instance` K times in a row to
+    generate_until (evaluator: `cloned_reqs.extend([req] * req.repeats)`); the copies are equal in
+    content and metadata. Keyed on (task, doc_id, idx, arguments), so two documents that happen
+    to share a prompt are both repeat 0 and keep the same seed, as do re-ordered or re-batched
+    requests."""
+    seen: dict = {}
+    out = []
+    for req in requests:
+        key = (req.task_name, req.doc_id, req.idx, json.dumps(req.args, sort_keys=True, default=str))
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out
 
 
 def _dir_signature(spec) -> list | None:

@@ -32,7 +32,7 @@ class ModelArgs:
     """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe` (and `dlm`).
 
     Loading: pretrained, revision, family, tokenizer, dtype, device, parallelize, load_in_4bit,
-    load_in_8bit, max_length, add_bos_token, truncation_side, batch_size, max_batch_size.
+    load_in_8bit, strict_weights, max_length, add_bos_token, truncation_side, batch_size, max_batch_size.
     Decoding (see `DecodeConfig`): strategy, gen_length, steps, steps_per_block, block_length,
     remasking, alg, alg_temp, eps, temperature, top_p, top_k, threshold, cfg_scale, cache,
     logits_eos_inf, confidence_eos_eot_inf, stop_early.
@@ -51,6 +51,7 @@ class ModelArgs:
     parallelize: bool = False
     load_in_4bit: bool = False
     load_in_8bit: bool = False
+    strict_weights: bool = True
     max_length: int | None = None
     add_bos_token: bool | None = None
     truncation_side: str = "middle"

@@ -8,6 +8,7 @@ matching class in this package loads the official safetensors through `from_pret
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 
 from .spec import FamilySpec, get_spec
 
+log = logging.getLogger(__name__)
 DTYPES = {
     "auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
@@ -184,6 +186,7 @@ def load_backbone(
     device_map=None,
     tokenizer: str | None = None,
     torch_dtype: str | torch.dtype | None = None,
+    strict_weights: bool = True,
     **model_kwargs,
 ) -> Backbone:
     """Load a LLaDA / Dream / LLaDA-MoE checkpoint (local dir or hub id) without remote code.
@@ -199,6 +202,9 @@ def load_backbone(
         device_map: passed to from_pretrained (e.g. "auto" to spread over GPUs).
         tokenizer: tokenizer path or id when it is not stored with the weights.
         torch_dtype: the transformers 4 name of `dtype`, accepted as an alias.
+        strict_weights: refuse a checkpoint whose weights do not match the model its config.json
+            describes (missing, unexpected or misshapen tensors); False loads it anyway, with the
+            missing ones randomly initialised and a warning naming them.
 
     Returns:
         Backbone with `.model`, `.tokenizer`, `.spec` (ids resolved against the tokenizer).
@@ -221,11 +227,13 @@ def load_backbone(
         device_map = device_map or {"": str(device or ("cuda" if torch.cuda.is_available() else "cpu"))}
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = cls.from_pretrained(pretrained, **kwargs)
+    model, loading_info = cls.from_pretrained(pretrained, output_loading_info=True, **kwargs)
+    check_weights(loading_info, pretrained, strict_weights)
     if device_map is None and device is not None:
         model.to(device)
     model.eval()
     tok = load_tokenizer(tokenizer or pretrained, revision=revision)
+    check_tokenizer_fits(tok, config, get_spec(family), tokenizer or pretrained, pretrained)
     spec = prepare_tokenizer(tok, get_spec(family))
     return Backbone(model=model, tokenizer=tok, spec=spec, family=family)
 
@@ -246,6 +254,61 @@ def load_tokenizer(path: str, revision: str | None = None):
         f"Could not load a tokenizer from {path!r} without remote code ({'; '.join(errors)}). "
         "Pass tokenizer=PATH pointing at a directory with tokenizer.json."
     )
+
+
+def key_list(keys, limit: int = 8) -> str:
+    """Sorted keys, the first `limit` of them, and how many more (a 7B model has thousands)."""
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def check_weights(loading_info: dict, pretrained: str, strict: bool = True) -> None:
+    """Refuse weights that do not match the model config.json describes.
+
+    transformers only prints a load report and initialises a missing tensor at random, so a
+    dropped tensor, renamed blocks or a raised layer count evaluate a partly random model. Tied
+    or buffer weights that are legitimately absent are not in `loading_info` (transformers
+    fills them), so anything listed here is a real mismatch.
+    """
+    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
+        ("missing (would be randomly initialised)", loading_info.get("missing_keys") or ()),
+        ("unexpected (would be ignored)", loading_info.get("unexpected_keys") or ()),
+        ("of the wrong shape", [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys") or ()]),
+    ) if keys]
+    if not problems:
+        return
+    report = f"The weights in {pretrained!r} do not match the model its config.json describes: {'; '.join(problems)}."
+    if not strict:
+        log.warning("%s Loading anyway (strict_weights=False).", report)
+        return
+    raise ValueError(f"{report} Use a complete checkpoint whose config.json matches its weights (n_layers / "
+                     "num_hidden_layers, parameter names), or pass strict_weights=False to load it anyway.")
+
+
+def check_tokenizer_fits(tokenizer, config: dict, spec: FamilySpec, where: str, pretrained: str) -> None:
+    """Refuse a tokenizer that is not the checkpoint's: more tokens than the embedding has rows,
+    no mask token (or another id than config.json's `mask_token_id`), or one that turns text
+    into no tokens at all (what transformers builds from a directory without tokenizer.json:
+    the special tokens of tokenizer_config.json and nothing else, so every prompt would be empty)."""
+    n, vocab = len(tokenizer), tokenizer.get_vocab()
+    size = config.get("vocab_size")
+    problem = None
+    if size and n > size:
+        problem = f"it has {n} tokens but the checkpoint's vocab_size is {size} (ids past {size - 1} have no embedding)"
+    elif spec.mask_token not in vocab:
+        problem = f"it has no mask token {spec.mask_token!r}"
+    elif config.get("mask_token_id") is not None and vocab[spec.mask_token] != config["mask_token_id"]:
+        problem = (f"its mask token {spec.mask_token!r} is id {vocab[spec.mask_token]}, but config.json says "
+                   f"mask_token_id={config['mask_token_id']}")
+    elif not tokenizer.encode("The answer is 42.", add_special_tokens=False):
+        problem = f"it encodes text to no tokens (a vocabulary of {n} special tokens only)"
+    if problem:
+        raise ValueError(
+            f"The tokenizer loaded from {where!r} does not fit the {spec.name} checkpoint {pretrained!r}: {problem}. "
+            "Restore the checkpoint's tokenizer.json, or pass tokenizer=PATH pointing at the tokenizer the model "
+            "was trained with."
+        )
 
 
 def check_device(device) -> None:

@@ -11,20 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 
 import torch
 import torch.nn as nn
 
+log = logging.getLogger(__name__)
 
-def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
+
+class AdapterKeysError(ValueError):
+    """The adapter's weights do not cover the modules its config puts LoRA on."""
+
+
+def apply_adapter(backbone, adapter: str, *, revision: str | None = None, strict: bool = True):
     """Apply a PEFT LoRA adapter (the outer MemDLM weights) to a backbone.
 
     Args:
         backbone: a loaded `Backbone` (float or bitsandbytes 4-bit).
         adapter: local adapter directory or Hub id.
         revision: Hub revision of the adapter.
+        strict: refuse an adapter whose weights leave injected LoRA modules without weights
+            (renamed keys, weights for only some blocks) or hold weights no module takes; False
+            loads it with a warning naming them.
 
     Returns:
         A new `Backbone` whose `.model` is the `PeftModel` (the base modules are modified in
@@ -50,9 +60,38 @@ def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
     # A task-specific PeftModel (e.g. CAUSAL_LM) re-plumbs forward() for autoregressive models;
     # our backbones only need the adapted modules, so the plain PeftModel is always used.
     config.task_type = None
-    model = PeftModel.from_pretrained(backbone.model, adapter, config=config, revision=revision)
+    config.inference_mode = True
+    # what PeftModel.from_pretrained does, keeping load_adapter's result (from_pretrained only warns)
+    model = PeftModel(backbone.model, config)
+    result = model.load_adapter(adapter, "default", revision=revision)
+    check_adapter_keys(result, adapter, strict)
     model.eval()
     return dataclasses.replace(backbone, model=model)
+
+
+def check_adapter_keys(load_result, adapter: str, strict: bool = True) -> None:
+    """Refuse an adapter that loads as a partial or complete no-op.
+
+    PEFT injects LoRA into every module `target_modules` matches, with B = 0, then copies in the
+    file's tensors: a module whose tensors are missing stays the identity (renamed keys: the
+    frozen model; block-0-only keys: half applied), and tensors no module takes are dropped.
+    `load_result` is `PeftModel.load_adapter`'s (missing keys already limited to this adapter's).
+    """
+    from ..backbones.loading import key_list
+
+    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
+        ("LoRA weights missing (those modules would stay unadapted)", load_result.missing_keys),
+        ("adapter weights that match no module (would be ignored)", load_result.unexpected_keys),
+    ) if keys]
+    if not problems:
+        return
+    report = f"adapter={adapter!r} does not match the modules it adapts: {'; '.join(problems)}."
+    if not strict:
+        log.warning("%s Loading anyway (strict_weights=False).", report)
+        return
+    raise AdapterKeysError(f"{report} Check that adapter_model.safetensors holds the weights of the modules in "
+                           "its adapter_config.json target_modules (PEFT names), or pass strict_weights=False to "
+                           "load it anyway.")
 
 
 def linear_targets(model: nn.Module) -> str:

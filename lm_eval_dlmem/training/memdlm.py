@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from ..memory.anchor import anchor_states
 from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
-
-STATE_NAME = "trainer_state.pt"
+from .state import STATE_NAME, load_trainer_state
 CONFIG_NAME = "memdlm_training.json"
 
 
@@ -258,7 +257,7 @@ def restore(path: str, backbone, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(backbone.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    state = torch.load(os.path.join(path, STATE_NAME), map_location="cpu", weights_only=False)
+    state = load_trainer_state(path)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..memory.base import NoMemory, StepInfo
+from .state import load_trainer_state
 
 
 @dataclass
@@ -302,7 +303,7 @@ def setup(args):
     resume = find_resume(args.resume, args.output_dir) if args.resume else None
     if resume:
         ms.load_state_dict(MetaState.from_pretrained(resume).state_dict())
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        state = load_trainer_state(resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .state import load_trainer_state
+
 MODES = ("pretrain", "sft", "mixed")
 
 
@@ -334,7 +336,7 @@ def setup(args):
         optimizer, lambda s: cosine_lr(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
     step = 0
     if resume:
-        state = torch.load(os.path.join(resume, "trainer_state.pt"), map_location="cpu", weights_only=False)
+        state = load_trainer_state(resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])

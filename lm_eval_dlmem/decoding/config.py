@@ -2,12 +2,68 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 STRATEGIES = ("llada", "dream", "threshold")
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric arg may take. `check` also refuses NaN and infinity, which compare
+    False with every bound and would otherwise slip through `x < 0` style checks.
+
+    Args:
+        lo / hi: bounds (None = unbounded); `lo_open` / `hi_open` exclude the bound itself.
+        hint: appended to the error (what the arg means, what unset does).
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    hint: str = ""
+
+    def __str__(self) -> str:
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+
+    def contains(self, value) -> bool:
+        if not math.isfinite(value):
+            return False
+        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
+        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+        return above and below
+
+    def check(self, label: str, value) -> None:
+        """Raise ValueError naming `label` (the arg as the user typed it) unless value is None or inside."""
+        if value is None or self.contains(value):
+            return
+        what = "is not a finite number" if not math.isfinite(value) else "is out of range"
+        hint = f" {self.hint}" if self.hint else ""
+        raise ValueError(f"{label}={value} {what}: it must be {self}{hint}.")
+
+
+POSITIVE = Range(0, lo_open=True)
+NON_NEGATIVE = Range(0)
+UNIT = Range(0, 1)
+# DecodeConfig's numeric fields. gen_length 0 is allowed here: the harness never decodes for it.
+DECODE_RANGES = {
+    "gen_length": NON_NEGATIVE,
+    "steps": POSITIVE,
+    "block_length": POSITIVE,
+    "alg_temp": Range(0, hint="(None: Dream's default)"),
+    "eps": Range(0, 1, lo_open=True, hi_open=True),
+    "temperature": Range(0, hint="(0 is greedy)"),
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(1, hint="(or None for no top-k filter)"),
+    "threshold": UNIT,
+    "cfg_scale": Range(0, hint="(0 disables guidance)"),
+}
 
 
 @dataclass
@@ -69,31 +125,13 @@ class DecodeConfig:
             raise ValueError(f"alg={self.alg!r}; choose one of {DREAM_ALGS}.")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache={self.cache!r}; choose one of {CACHE_MODES}.")
-        if self.gen_length < 0:
-            raise ValueError(f"gen_length={self.gen_length} must be >= 0.")
-        if self.block_length <= 0:
-            raise ValueError(f"block_length={self.block_length} must be > 0.")
+        for name, allowed in DECODE_RANGES.items():
+            allowed.check(name, getattr(self, name))
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
                 "round gen_length up or pick a block length that divides it."
             )
-        if self.steps <= 0:
-            raise ValueError(f"steps={self.steps} must be > 0.")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold={self.threshold} must be in [0, 1].")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0.")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1 (or None for no top-k filter).")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            raise ValueError(f"alg_temp={self.alg_temp} must be >= 0 (or None).")
-        if not 0.0 < self.eps < 1.0:
-            raise ValueError(f"eps={self.eps} must be in (0, 1).")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (0 disables guidance).")
         if self.num_blocks and self.steps % self.num_blocks:
             raise ValueError(
                 f"steps={self.steps} must be a multiple of the number of blocks "

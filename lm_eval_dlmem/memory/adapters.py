@@ -14,6 +14,8 @@ import re
 
 import torch.nn as nn
 
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
 
 def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
     """Apply a PEFT LoRA adapter (the outer MemDLM weights) to a backbone.
@@ -37,6 +39,10 @@ def apply_adapter(backbone, adapter: str, *, revision: str | None = None):
     if os.path.sep in adapter and not os.path.isdir(os.path.expanduser(adapter)):
         raise FileNotFoundError(f"adapter={adapter!r} is not a directory; pass a PEFT adapter directory or Hub id.")
     adapter = os.path.expanduser(adapter)
+    if os.path.isdir(adapter):  # a local directory: name its missing or broken file, never try the Hub
+        from ..backbones.loading import check_weight_files
+
+        check_weight_files(adapter, f"adapter={adapter}", ADAPTER_WEIGHT_FILES)
     try:
         config = PeftConfig.from_pretrained(adapter, revision=revision)
     except Exception as e:  # hub/file errors come in many types; the message says what to do

@@ -13,7 +13,8 @@ import logging
 import typing
 from dataclasses import dataclass, field
 
-from .decoding.config import DECODE_RANGES, NON_NEGATIVE, POSITIVE, Range
+from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
+from .decoding.config import DECODE_RANGES
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +175,6 @@ class ModelArgs:
         """Everything that can change a model output (for cache namespacing)."""
         skip = {"batch_size", "max_batch_size", "device", "parallelize", "extra", "typed_names"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-
-def check_batch_size(label: str, value) -> None:
-    """batch_size is a positive integer, `auto` or `auto:N` (lm-eval's spellings)."""
-    text = str(value).strip().lower()
-    number = text.removeprefix("auto:") if text.startswith("auto:") else text
-    if text == "auto" or (number.isdigit() and int(number) > 0):
-        return
-    raise ValueError(f"{label}={value} must be a positive integer or 'auto'.")
 
 
 def merge_harness_args(model_args: dict, harness: dict) -> dict:

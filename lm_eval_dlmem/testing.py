@@ -106,8 +106,9 @@ def check_tiny_sizes(family: str, sizes: dict, labels: dict | None = None) -> No
     kv_heads = sizes.get(keys.kv_heads) or heads
     if hidden % heads or (hidden // heads) % 2:
         raise ValueError(
-            f"{name(keys.hidden)}={hidden} does not split into {name(keys.heads)}={heads} attention heads of an even "
-            f"size (rotary embeddings rotate pairs of each head's dims); use a multiple of {2 * heads}, e.g. {16 * heads}."
+            f"{name(keys.hidden)}={hidden} does not split into {name(keys.heads)}={heads} attention heads of an "
+            f"even size (rotary embeddings rotate pairs of each head's dims); use a multiple of {2 * heads}, "
+            f"e.g. {16 * heads}."
         )
     if heads % kv_heads:
         raise ValueError(f"{name(keys.heads)}={heads} attention heads do not split into "

@@ -138,7 +138,8 @@ def _read_json_object(path: str) -> dict:
     return data
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def check_weight_files(path: str, label: str, names: tuple[str, ...] = WEIGHT_FILES) -> None:

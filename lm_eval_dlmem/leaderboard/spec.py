@@ -17,7 +17,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..model_args import check_batch_size
+from ..checks import check_batch_size
 
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)  # lm-eval's --seed default: random, numpy, torch, fewshot
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")

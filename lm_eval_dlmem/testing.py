@@ -89,19 +89,20 @@ def check_tiny_sizes(family: str, sizes: dict, labels: dict | None = None) -> No
         labels: how the user spelled a key (e.g. `{"d_model": "--hidden"}`), for the message.
 
     Raises:
-        ValueError: a size is not a positive integer, the hidden size does not split into the
-            heads at an even head dim (rotary embeddings rotate pairs), or the heads do not split
-            into the key/value heads.
+        ValueError: a size (hidden, heads, layers, `*_size`, `num_*`, `n_*`) is not a positive
+            integer, the hidden size does not split into the heads at an even head dim (rotary
+            embeddings rotate pairs), or the heads do not split into the key/value heads.
     """
     labels = labels or {}
 
     def name(key: str) -> str:
         return labels.get(key, key)
 
-    for key, value in sizes.items():
-        if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
-            raise ValueError(f"{name(key)}={value} must be a positive integer.")
     keys = get_spec(family).size_keys
+    for key, value in sizes.items():
+        counts = key in keys or key.startswith(("n_", "num_")) or key.endswith("_size")
+        if counts and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name(key)}={value!r} must be a positive integer.")
     hidden, heads = sizes[keys.hidden], sizes[keys.heads]
     kv_heads = sizes.get(keys.kv_heads) or heads
     if hidden % heads or (hidden // heads) % 2:

@@ -40,22 +40,35 @@ def _offline_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: 0 and negative sizes are refused, not read as "use the default"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def cmd_make_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem make-tiny", description="Write a tiny checkpoint in the official format.")
     p.add_argument("family", choices=["llada", "dream", "llada_moe"], help="backbone family")
     p.add_argument("path", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
-    p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary (tokenizer padded to match)")
-    p.add_argument("--hidden", type=int, default=None, help="hidden size")
-    p.add_argument("--layers", type=int, default=None, help="number of layers")
+    p.add_argument("--vocab-size", type=_positive_int, default=None, help="model vocabulary (tokenizer padded to match)")
+    p.add_argument("--hidden", type=_positive_int, default=None,
+                   help="hidden size: a multiple of 2 x the attention heads (4), e.g. 64")
+    p.add_argument("--layers", type=_positive_int, default=None, help="number of layers")
     args = p.parse_args(argv)
-    from .testing import make_tiny_checkpoint
+    from .backbones.spec import get_spec
+    from .testing import TINY_SIZES, check_tiny_sizes, make_tiny_checkpoint
 
-    sizes = {}
-    if args.hidden:
-        sizes["d_model" if args.family == "llada" else "hidden_size"] = args.hidden
-    if args.layers:
-        sizes["n_layers" if args.family == "llada" else "num_hidden_layers"] = args.layers
+    keys = get_spec(args.family).size_keys
+    flags = {keys.hidden: args.hidden, keys.layers: args.layers}
+    sizes = {key: value for key, value in flags.items() if value is not None}
+    check_tiny_sizes(args.family, {**TINY_SIZES[args.family], **sizes},
+                     labels={keys.hidden: "--hidden", keys.layers: "--layers"})
     print(make_tiny_checkpoint(args.family, args.path, seed=args.seed, vocab_size=args.vocab_size, **sizes))
     return 0
 

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
 from .memory.base import NoMemory
-from .model_args import ModelArgs
+from .model_args import ModelArgs, merge_harness_args
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,18 @@ class DlmLM(TemplateLM):
         self._max_length = a.max_length or self._default_max_length()
         self._batch_size = a.batch_size
         self._truncated_warned = 0
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        """lm-eval's entry point: `--model_args` plus --batch_size/--max_batch_size/--device, merged
+        (see `merge_harness_args`) instead of lm-eval's TypeError when a key comes from both."""
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        return cls(**merge_harness_args(arg_dict, additional_config or {}))
 
     # ---- setup -----------------------------------------------------------------------------
     def _setup_devices(self):

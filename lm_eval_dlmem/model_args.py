@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import typing
 from dataclasses import dataclass, field
 
-# Keys lm-eval itself passes to every model constructor.
+from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
+from .decoding.config import DECODE_RANGES
+
+log = logging.getLogger(__name__)
+
+# Keys lm-eval itself passes to every model constructor (from --batch_size, --max_batch_size,
+# --device), with the values its command line sends when the flag is not given.
 HARNESS_KEYS = {"batch_size", "max_batch_size", "device"}
+HARNESS_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
 # Keys that only make sense for HFLM's backends; accepted for compatibility with HFLM commands
 # but rejected with an explanation when they would change behaviour.
 REJECTED = {
@@ -25,6 +33,26 @@ REJECTED = {
 ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype",
            "max_new_tokens": "gen_length", "block_size": "block_length", "diffusion_steps": "steps",
            "is_check_greedy": "check_greedy", "use_cache": "cache_legacy"}
+# Every numeric model arg and the values it may take; None (unset) is always allowed. Decoding
+# args share DecodeConfig's ranges, except that 0 is not "nothing to decode" but a typo here.
+RANGES = {
+    **DECODE_RANGES,
+    "gen_length": Range(0, lo_open=True, hint="(leave it unset to use the task's max_gen_toks)"),
+    "steps": Range(0, lo_open=True, hint="(leave it unset for one step per token)"),
+    "steps_per_block": Range(0, lo_open=True, hint="(leave it unset for one step per token)"),
+    "block_length": Range(0, lo_open=True, hint="(leave it unset for a single block)"),
+    "max_length": POSITIVE,
+    "max_batch_size": Range(0, lo_open=True, hint="(the largest batch batch_size=auto tries)"),
+    "mc_num": POSITIVE,
+    "mc_batch_size": POSITIVE,
+    "likelihood_cfg": Range(0, hint="(0 disables guidance)"),
+    "inner_steps": Range(0, hint="(0 disables inference adaptation)"),
+    "inner_lr": NON_NEGATIVE,
+    "inner_rank": Range(1),
+    "inner_alpha": POSITIVE,
+    "inner_layer_fraction": Range(0, 1, lo_open=True),
+    "inner_mask_ratio": Range(0, 1, lo_open=True),
+}
 
 
 @dataclass
@@ -94,6 +122,8 @@ class ModelArgs:
     inner_adapter_dropout: bool = True  # outer LoRA dropout on while the inner loop adapts (released)
     seed: int = 1234
     extra: dict = field(default_factory=dict, repr=False)
+    # field -> the key the user typed for it (an alias such as max_new_tokens), so errors name it
+    typed_names: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.pretrained:
@@ -108,21 +138,20 @@ class ModelArgs:
         if self.metastate and (self.adapter or self.inner_steps):
             raise ValueError("metastate= and MemDLM (adapter=/inner_steps=) cannot be combined in one run; "
                              "evaluate them as separate runs.")
-        for name in ("mc_num", "mc_batch_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
-        if self.inner_steps < 0:
-            raise ValueError(f"inner_steps={self.inner_steps} must be >= 0 (0 disables inference adaptation).")
-        if self.max_length is not None and self.max_length <= 0:
-            raise ValueError(f"max_length={self.max_length} must be > 0.")
+        for name, allowed in RANGES.items():
+            allowed.check(self.typed_names.get(name, name), getattr(self, name))
+        check_batch_size(self.typed_names.get("batch_size", "batch_size"), self.batch_size)
 
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
         """Build from lm-eval's model-args dict: alias, reject, cast, then validate."""
-        valid = {f.name for f in dataclasses.fields(cls) if f.name != "extra"}
+        valid = {f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "typed_names")}
         values = dict(defaults or {})
-        for key, value in kwargs.items():
-            key = ALIASES.get(key, key)
+        typed = {}
+        for typed_key, value in kwargs.items():
+            key = ALIASES.get(typed_key, typed_key)
+            if key != typed_key:
+                typed[key] = typed_key
             if key in REJECTED:
                 if key == "trust_remote_code" and not value:
                     continue
@@ -143,13 +172,33 @@ class ModelArgs:
                 )
             values[key] = value
         hints = typing.get_type_hints(cls)
-        cast = {k: _cast(k, v, hints[k]) for k, v in values.items()}
-        return cls(**cast)
+        cast = {k: _cast(typed.get(k, k), v, hints[k]) for k, v in values.items()}
+        return cls(**cast, typed_names=typed)
 
     def fingerprint_fields(self) -> dict:
         """Everything that can change a model output (for cache namespacing)."""
-        skip = {"batch_size", "max_batch_size", "device", "parallelize", "extra"}
+        skip = {"batch_size", "max_batch_size", "device", "parallelize", "extra", "typed_names"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def merge_harness_args(model_args: dict, harness: dict) -> dict:
+    """Model args plus what lm-eval passes from --batch_size / --max_batch_size / --device.
+
+    lm-eval calls `cls(**model_args, **harness)`, which is a TypeError when a key is in both. A value
+    given in --model_args wins over the flag's default (lm-eval sends `--device cuda:0` and
+    `--batch_size 1` when the flags are absent); two different explicit values are refused.
+    """
+    merged = dict(model_args)
+    for key, value in harness.items():
+        if value is None:
+            continue
+        if key not in merged or str(merged[key]) == str(value):
+            merged[key] = value
+        elif str(value) == str(HARNESS_DEFAULTS.get(key)):
+            log.info("--model_args %s=%s is used (lm-eval's --%s default %s is ignored).", key, merged[key], key, value)
+        else:
+            raise ValueError(f"--model_args {key}={merged[key]} and --{key} {value} disagree; give {key} only once.")
+    return merged
 
 
 def _cast(name: str, value, hint):
@@ -172,7 +221,7 @@ def _cast(name: str, value, hint):
                 raise ValueError(value)
             return bool(value)
         if target is int:
-            f = float(value)
+            f = float(value)  # "8", 8.0 and -1.0 are ints; "inf" raises OverflowError below
             if f != int(f):
                 raise ValueError(value)
             return int(f)
@@ -182,7 +231,7 @@ def _cast(name: str, value, hint):
             if isinstance(value, float) and value == int(value):
                 value = int(value)
             return str(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(
             f"Model arg {name}={value!r} is malformed: expected {getattr(target, '__name__', target)}."
         ) from None

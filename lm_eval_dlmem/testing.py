@@ -79,6 +79,43 @@ def build_tokenizer(family: str, bpe_vocab: int = 384, total_vocab: int | None =
     return fast
 
 
+def check_tiny_sizes(family: str, sizes: dict, labels: dict | None = None) -> None:
+    """Refuse sizes the family's modules cannot be built or run with, before anything is written:
+    a checkpoint made with them would load and then fail deep inside attention.
+
+    Args:
+        family: `llada`, `dream` or `llada_moe`.
+        sizes: config keys and values (TINY_SIZES merged with the overrides).
+        labels: how the user spelled a key (e.g. `{"d_model": "--hidden"}`), for the message.
+
+    Raises:
+        ValueError: a size (hidden, heads, layers, `*_size`, `num_*`, `n_*`) is not a positive
+            integer, the hidden size does not split into the heads at an even head dim (rotary
+            embeddings rotate pairs), or the heads do not split into the key/value heads.
+    """
+    labels = labels or {}
+
+    def name(key: str) -> str:
+        return labels.get(key, key)
+
+    keys = get_spec(family).size_keys
+    for key, value in sizes.items():
+        counts = key in keys or key.startswith(("n_", "num_")) or key.endswith("_size")
+        if counts and value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ValueError(f"{name(key)}={value!r} must be a positive integer.")
+    hidden, heads = sizes[keys.hidden], sizes[keys.heads]
+    kv_heads = sizes.get(keys.kv_heads) or heads
+    if hidden % heads or (hidden // heads) % 2:
+        raise ValueError(
+            f"{name(keys.hidden)}={hidden} does not split into {name(keys.heads)}={heads} attention heads of an "
+            f"even size (rotary embeddings rotate pairs of each head's dims); use a multiple of {2 * heads}, "
+            f"e.g. {16 * heads}."
+        )
+    if heads % kv_heads:
+        raise ValueError(f"{name(keys.heads)}={heads} attention heads do not split into "
+                         f"{name(keys.kv_heads)}={kv_heads} key/value heads; use a divisor of {heads}.")
+
+
 def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
     """config.json contents with the official keys for `family`, tiny sizes."""
     spec = get_spec(family).resolve(tokenizer)
@@ -157,6 +194,9 @@ def make_tiny_checkpoint(
     from .backbones.llada_moe import LLaDAMoEConfig
 
     get_spec(family)
+    check_tiny_sizes(family, {**TINY_SIZES[family], **sizes})
+    if vocab_size is not None and vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size} must be a positive integer (or None for the tokenizer's size).")
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     tokenizer = build_tokenizer(family, total_vocab=vocab_size)

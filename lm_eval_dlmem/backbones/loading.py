@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import FamilySpec, get_spec
+from .spec import FAMILIES, FamilySpec, get_spec
 
 log = logging.getLogger(__name__)
 DTYPES = {
@@ -40,6 +40,20 @@ def model_class(family: str):
 
 def detect_family(config: dict) -> str:
     """Family from a config.json dict. LLaDA and LLaDA-MoE both say `model_type: llada`."""
+    family = _declared_family(config)
+    if family is not None:
+        return family
+    fits = [name for name in FAMILIES if _missing_keys(config, name) == []]
+    hint = (f"Its keys are those of a {' or '.join(fits)} config: if it is one, pass family={fits[0]}."
+            if fits else "Pass a checkpoint of one of those.")
+    raise ValueError(
+        f"config.json describes model_type={config.get('model_type')!r}, architectures={config.get('architectures')}, "
+        f"which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B). {hint}"
+    )
+
+
+def _declared_family(config: dict) -> str | None:
+    """The family config.json names by model_type / architectures, or None."""
     arch = " ".join(config.get("architectures") or [])
     model_type = str(config.get("model_type", "")).lower()
     if "MoE" in arch or "num_experts" in config or "expert_intermediate_size" in config:
@@ -49,11 +63,43 @@ def detect_family(config: dict) -> str:
         return "llada"
     if model_type == "dream" or "DreamModel" in arch:
         return "dream"
-    raise ValueError(
-        f"config.json describes model_type={config.get('model_type')!r}, architectures={config.get('architectures')}, "
-        "which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B). "
-        "Pass a checkpoint of one of those, or family=... if its config is non-standard."
-    )
+    return None
+
+
+def _missing_keys(config: dict, family: str) -> list[str]:
+    return [k for k in get_spec(family).config_keys if k not in config]
+
+
+def check_family(config: dict, family: str | None, pretrained: str) -> str:
+    """The family to build: `family=` when config.json agrees with it, else detected.
+
+    Checked before any model is built: a model class fills the keys config.json lacks with
+    its 7B defaults, so `family=dream` on a LLaDA checkpoint would allocate a full-size Dream.
+
+    Raises:
+        ValueError: family= names another family than config.json, or config.json lacks keys
+            every config of that family has.
+    """
+    if family is None:
+        return detect_family(config)
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r} is not a supported family; choose one of {', '.join(FAMILIES)} "
+                         "(or drop family=: it is read from config.json).")
+    declared = _declared_family(config)
+    if declared is not None and declared != family:
+        raise ValueError(
+            f"family={family} does not match {pretrained}: its config.json describes a {declared} checkpoint "
+            f"(model_type={config.get('model_type')!r}, architectures={config.get('architectures')}). "
+            "Drop family= (the family is read from config.json) or point pretrained= at a "
+            f"{family} checkpoint."
+        )
+    missing = _missing_keys(config, family)
+    if missing:
+        raise ValueError(
+            f"family={family}, but the config.json of {pretrained} lacks {', '.join(missing)}, which every "
+            f"{family} config has; it is not a {family} checkpoint."
+        )
+    return family
 
 
 def read_config(pretrained: str, revision: str | None = None) -> dict:
@@ -62,8 +108,7 @@ def read_config(pretrained: str, revision: str | None = None) -> dict:
     if os.path.isdir(pretrained):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{pretrained!r} is a directory without config.json; point pretrained= at a checkpoint directory.")
-        with open(path) as f:
-            return json.load(f)
+        return _read_json_object(path)
     if os.path.sep in pretrained and (pretrained.startswith((".", "/", "~")) or pretrained.count("/") > 1):
         raise FileNotFoundError(
             f"pretrained={pretrained!r} is not an existing directory. Check the path "
@@ -72,14 +117,58 @@ def read_config(pretrained: str, revision: str | None = None) -> dict:
     try:
         from huggingface_hub import hf_hub_download
 
-        with open(hf_hub_download(pretrained, "config.json", revision=revision)) as f:
-            return json.load(f)
+        path = hf_hub_download(pretrained, "config.json", revision=revision)
     except Exception as e:  # hub errors come in many types; the message says what to do
         raise FileNotFoundError(
             f"Could not find {pretrained!r} locally or on the Hugging Face Hub ({type(e).__name__}). "
             "Pass a local checkpoint directory, or a hub id with network access "
             "(unset HF_HUB_OFFLINE if it is set)."
         ) from e
+    return _read_json_object(path)
+
+
+def _read_json_object(path: str) -> dict:
+    """A JSON object from `path`; a file that is not one is named in the error."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise OSError(f"{path} is not valid JSON ({e}); restore the checkpoint's config.json.") from None
+    if not isinstance(data, dict):
+        raise OSError(f"{path} holds a JSON {type(data).__name__}, not an object of config keys; "
+                      "restore the checkpoint's config.json.")
+    return data
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_weight_files(path: str, label: str, names: tuple[str, ...] = WEIGHT_FILES) -> None:
+    """For a local directory: one of `names` exists, and every .safetensors file has a readable
+    header, so a missing, truncated or corrupt file is named before from_pretrained fails deep
+    inside (safetensors says only "header too large"). Hub ids are left to the hub client.
+
+    Raises:
+        FileNotFoundError: none of `names` is in the directory. OSError: a .safetensors file is
+            truncated or corrupt.
+    """
+    if not os.path.isdir(path):
+        return
+    files = os.listdir(path)
+    if not any(n in files for n in names):
+        raise FileNotFoundError(f"{label}: {path} holds no weights ({' or '.join(names)}); "
+                                "the checkpoint was not fully saved or copied.")
+    from safetensors import SafetensorError, safe_open
+
+    for name in sorted(f for f in files if f.endswith(".safetensors")):
+        file = os.path.join(path, name)
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise OSError(f"{label}: {file} is not a readable safetensors file ({e}): it is truncated or "
+                          "corrupt; copy or download it again.") from None
 
 
 @dataclass
@@ -214,7 +303,8 @@ def load_backbone(
     check_device(device)
     pretrained = resolve_embedded(pretrained) or os.path.expanduser(str(pretrained))
     config = read_config(pretrained, revision)
-    family = family or detect_family(config)
+    family = check_family(config, family, pretrained)
+    check_weight_files(pretrained, f"pretrained={pretrained}")
     cls = model_class(family)
     if torch_dtype is not None:
         if str(dtype) != "auto" and resolve_dtype(dtype, device) != resolve_dtype(torch_dtype, device):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 LLADA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -41,6 +42,15 @@ LING_CHAT_TEMPLATE = (
 )
 
 
+class SizeKeys(NamedTuple):
+    """config.json names of the sizes every family has (LLaDA keeps OLMo's names)."""
+
+    hidden: str
+    heads: str
+    kv_heads: str
+    layers: str
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What differs between backbone families, as data.
@@ -56,6 +66,9 @@ class FamilySpec:
             does; LLaDA's forward takes no position ids, so it stays `arange`).
         chat_template: used when the tokenizer ships none (LLaDA Base, tiny checkpoints).
         template_tokens: special tokens the chat template needs as single tokens.
+        size_keys: config.json names of hidden size, attention heads, key/value heads, layers.
+        config_keys: keys every config.json of the family holds: a config without them is not
+            of this family, whatever `family=` says (its class would fill in 7B-size defaults).
     """
 
     name: str
@@ -71,6 +84,8 @@ class FamilySpec:
     position_ids_from_mask: bool
     chat_template: str
     template_tokens: tuple[str, ...] = field(default_factory=tuple)
+    size_keys: SizeKeys = SizeKeys("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+    config_keys: tuple[str, ...] = ()
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -117,6 +132,8 @@ LLADA = FamilySpec(
     position_ids_from_mask=False,
     chat_template=LLADA_CHAT_TEMPLATE,
     template_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    size_keys=SizeKeys("d_model", "n_heads", "n_kv_heads", "n_layers"),
+    config_keys=("d_model", "n_heads", "n_layers"),
 )
 
 DREAM = FamilySpec(
@@ -133,6 +150,7 @@ DREAM = FamilySpec(
     position_ids_from_mask=True,
     chat_template=DREAM_CHAT_TEMPLATE,
     template_tokens=("<|im_start|>", "<|im_end|>"),
+    config_keys=("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"),
 )
 
 LLADA_MOE = FamilySpec(
@@ -149,6 +167,7 @@ LLADA_MOE = FamilySpec(
     position_ids_from_mask=False,
     chat_template=LING_CHAT_TEMPLATE,
     template_tokens=("<role>", "</role>", "<|role_end|>"),
+    config_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "num_experts"),
 )
 
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE)}

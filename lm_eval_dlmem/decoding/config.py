@@ -4,10 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..checks import NON_NEGATIVE, POSITIVE, UNIT, Range
+
 STRATEGIES = ("llada", "dream", "threshold")
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")
+# DecodeConfig's numeric fields. gen_length 0 is allowed here: the harness never decodes for it.
+DECODE_RANGES = {
+    "gen_length": NON_NEGATIVE,
+    "steps": POSITIVE,
+    "block_length": POSITIVE,
+    "alg_temp": Range(0, hint="(None: Dream's default)"),
+    "eps": Range(0, 1, lo_open=True, hi_open=True),
+    "temperature": Range(0, hint="(0 is greedy)"),
+    "top_p": Range(0, 1, lo_open=True),
+    "top_k": Range(1, hint="(or None for no top-k filter)"),
+    "threshold": UNIT,
+    "cfg_scale": Range(0, hint="(0 disables guidance)"),
+}
 
 
 @dataclass
@@ -69,31 +84,13 @@ class DecodeConfig:
             raise ValueError(f"alg={self.alg!r}; choose one of {DREAM_ALGS}.")
         if self.cache not in CACHE_MODES:
             raise ValueError(f"cache={self.cache!r}; choose one of {CACHE_MODES}.")
-        if self.gen_length < 0:
-            raise ValueError(f"gen_length={self.gen_length} must be >= 0.")
-        if self.block_length <= 0:
-            raise ValueError(f"block_length={self.block_length} must be > 0.")
+        for name, allowed in DECODE_RANGES.items():
+            allowed.check(name, getattr(self, name))
         if self.gen_length % self.block_length:
             raise ValueError(
                 f"gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
                 "round gen_length up or pick a block length that divides it."
             )
-        if self.steps <= 0:
-            raise ValueError(f"steps={self.steps} must be > 0.")
-        if not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"threshold={self.threshold} must be in [0, 1].")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0.")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1].")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k={self.top_k} must be >= 1 (or None for no top-k filter).")
-        if self.alg_temp is not None and self.alg_temp < 0:
-            raise ValueError(f"alg_temp={self.alg_temp} must be >= 0 (or None).")
-        if not 0.0 < self.eps < 1.0:
-            raise ValueError(f"eps={self.eps} must be in (0, 1).")
-        if self.cfg_scale < 0:
-            raise ValueError(f"cfg_scale={self.cfg_scale} must be >= 0 (0 disables guidance).")
         if self.num_blocks and self.steps % self.num_blocks:
             raise ValueError(
                 f"steps={self.steps} must be a multiple of the number of blocks "

@@ -17,6 +17,7 @@ import re
 import sys
 
 from .results import NoResultsError, Run, Score, load_runs
+from .spec import check_regex
 
 MISSING = "—"
 
@@ -82,7 +83,7 @@ def _dedupe_labels(runs: list[Run]) -> None:
 # ---- the table --------------------------------------------------------------------------------
 def rows(runs: list[Run], task_pattern: str | None = None) -> list[tuple[str, str]]:
     """Every (task, "metric,filter") in any run: baseline order first, then new ones as they come."""
-    pattern = re.compile(task_pattern) if task_pattern else None
+    pattern = re.compile(check_regex("task_pattern", task_pattern)) if task_pattern else None
     out, seen = [], set()
     for run in runs:
         for task, metrics in run.scores.items():
@@ -108,7 +109,8 @@ def markdown_table(runs: list[Run], task_pattern: str | None = None) -> str:
     column (run - baseline) for every run after the first.
 
     Raises:
-        ValueError: no task matches `task_pattern` (or the runs hold no metric at all).
+        ValueError: `task_pattern` is not a valid regex, or no task matches it (or the runs hold no
+            metric at all).
     """
     table_rows = rows(runs, task_pattern)
     if not table_rows:
@@ -179,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     try:
+        for flag in ("tasks", "plot_tasks"):  # before any file is read
+            if getattr(args, flag) is not None:
+                check_regex(f"--{flag}", getattr(args, flag))
         runs = load_comparison(args.results, labels)
         text = report(runs, args.tasks)
     except (FileNotFoundError, NoResultsError, ValueError) as e:

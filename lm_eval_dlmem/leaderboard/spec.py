@@ -10,15 +10,27 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checks import check_batch_size
+
 DEFAULT_SEEDS = (0, 1234, 1234, 1234)  # lm-eval's --seed default: random, numpy, torch, fewshot
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# The types a sweep file may give each field (after `tasks`/`include_path` strings become lists);
+# numbers are checked by `_count` / `_limit`, which also accept the strings `${VAR}` expands to.
+FIELD_TYPES = {
+    "model": (str,), "model_args": (dict,), "tasks": (list,), "device": (str, type(None)),
+    "gen_kwargs": (dict, str, type(None)), "apply_chat_template": (bool, str),
+    "fewshot_as_multiturn": (bool, type(None)), "system_instruction": (str, type(None)),
+    "include_path": (list,), "include_defaults": (bool,), "use_cache": (bool,), "log_samples": (bool,),
+    "confirm_run_unsafe_code": (bool,), "metadata": (dict,),
+}
 
 
 @dataclass
@@ -75,15 +87,34 @@ class RunSpec:
             raise ValueError(f"run {self.name!r}: model_args must be a mapping or a 'k=v,k2=v2' string.")
         if isinstance(self.tasks, str):
             self.tasks = [t.strip() for t in self.tasks.split(",") if t.strip()]
-        if not self.tasks:
-            raise ValueError(f"run {self.name!r}: tasks is empty; list at least one task.")
         if isinstance(self.include_path, str):
             self.include_path = [self.include_path]
+        self._check_types()
+        if not self.tasks:
+            raise ValueError(f"run {self.name!r}: tasks is empty; list at least one task.")
+        where = f"run {self.name!r}"
+        check_batch_size(f"{where}: batch_size", self.batch_size)
+        self.max_batch_size = _count(f"{where}: max_batch_size", self.max_batch_size, minimum=1)
+        self.num_fewshot = _count(f"{where}: num_fewshot", self.num_fewshot, minimum=0)
+        self.limit = _limit(f"{where}: limit", self.limit)
         if self.fewshot_as_multiturn is None:  # the lm_eval CLI's rule
             self.fewshot_as_multiturn = bool(self.apply_chat_template)
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise ValueError(f"run {self.name!r}: fewshot_as_multiturn needs apply_chat_template.")
         self.seed_kwargs()  # validates
+
+    def _check_types(self) -> None:
+        """Every field has a type lm-eval accepts, so a bad sweep fails at load, not in a run."""
+        for key, types in FIELD_TYPES.items():
+            value = getattr(self, key)
+            if not isinstance(value, types):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+                raise ValueError(f"run {self.name!r}: {key}={value!r} must be a {names}"
+                                 + (" (or a comma-separated string)" if key in ("tasks", "include_path") else "") + ".")
+        for key in ("tasks", "include_path"):
+            bad = [v for v in getattr(self, key) if not isinstance(v, str) or not v.strip()]
+            if bad:
+                raise ValueError(f"run {self.name!r}: {key} must list names as strings; {bad!r} are not.")
 
     def seed_kwargs(self) -> dict:
         """`simple_evaluate`'s four seed arguments."""
@@ -156,6 +187,41 @@ class Sweep:
         unknown = set(self.compare) - {"tasks", "plot_tasks"}
         if unknown:
             raise ValueError(f"compare: unknown key(s) {sorted(unknown)}; valid: tasks, plot_tasks.")
+        for key, pattern in self.compare.items():
+            if pattern is not None:
+                check_regex(f"compare: {key}", pattern)
+
+
+def _number(where: str, value):
+    """A YAML number, or a string that is one (`${VAR}` expands to strings); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") or value.strip().lower() in ("nan", "inf") \
+                else int(value)
+        except ValueError:
+            raise ValueError(f"{where}={value!r} is not a number.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{where}={value!r} is not a finite number.")
+    return value
+
+
+def _count(where: str, value, minimum: int) -> int | None:
+    value = _number(where, value)
+    if value is not None and (value != int(value) or value < minimum):
+        raise ValueError(f"{where}={value!r} must be an integer >= {minimum}.")
+    return None if value is None else int(value)
+
+
+def _limit(where: str, value) -> int | float | None:
+    """lm-eval's --limit: a count of documents (an integer >= 1) or a fraction in (0, 1)."""
+    value = _number(where, value)
+    if value is None:
+        return None
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise ValueError(f"{where}={value!r} must be a number of documents (an integer >= 1) or a fraction in (0, 1).")
+    return int(value) if value >= 1 else value
 
 
 def expand_env(value):
@@ -237,6 +303,8 @@ def load_sweep(path: str, *, output_dir: str | None = None, limit: float | None 
             data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: not valid YAML ({e}).") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not a text file ({e}); pass a sweep YAML (see examples/sweeps/).") from None
     if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
         raise ValueError(f"{path}: expected a mapping with a 'runs' list (see examples/sweeps/).")
     unknown = set(data) - {"runs", "defaults", "output_dir", "compare"}
@@ -246,9 +314,21 @@ def load_sweep(path: str, *, output_dir: str | None = None, limit: float | None 
     defaults = data.get("defaults") or {}
     runs = [_run_spec(raw, defaults, f"{path}: runs[{i}]") for i, raw in enumerate(data["runs"])]
     if limit is not None:
-        runs = [dataclasses.replace(r, limit=int(limit) if limit >= 1 else limit) for r in runs]
+        limit = _limit("--limit", limit)
+        runs = [dataclasses.replace(r, limit=limit) for r in runs]
     out = output_dir or data.get("output_dir") or os.path.join("runs", Path(path).stem)
     return Sweep(runs=runs, output_dir=str(out), compare=data.get("compare") or {})
 
 
-__all__ = ["RunSpec", "Sweep", "expand_env", "load_sweep"]
+def check_regex(label: str, pattern) -> str:
+    """`pattern` when it is a valid regular expression; else one ValueError naming `label`."""
+    if not isinstance(pattern, str):
+        raise ValueError(f"{label}={pattern!r} must be a regular expression string.")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{label} {pattern!r} is not a valid regular expression ({e}).") from None
+    return pattern
+
+
+__all__ = ["RunSpec", "Sweep", "check_regex", "expand_env", "load_sweep"]

@@ -20,6 +20,8 @@ import torch.nn as nn
 
 log = logging.getLogger(__name__)
 
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
 
 class AdapterKeysError(ValueError):
     """The adapter's weights do not cover the modules its config puts LoRA on."""
@@ -50,6 +52,10 @@ def apply_adapter(backbone, adapter: str, *, revision: str | None = None, strict
     if os.path.sep in adapter and not os.path.isdir(os.path.expanduser(adapter)):
         raise FileNotFoundError(f"adapter={adapter!r} is not a directory; pass a PEFT adapter directory or Hub id.")
     adapter = os.path.expanduser(adapter)
+    if os.path.isdir(adapter):  # a local directory: name its missing or broken file, never try the Hub
+        from ..backbones.loading import check_weight_files
+
+        check_weight_files(adapter, f"adapter={adapter}", ADAPTER_WEIGHT_FILES)
     try:
         config = PeftConfig.from_pretrained(adapter, revision=revision)
     except Exception as e:  # hub/file errors come in many types; the message says what to do

@@ -197,3 +197,37 @@ def test_our_cli_prints_the_message_without_a_traceback(tmp_path, capsys, monkey
     monkeypatch.setenv("LM_EVAL_DLMEM_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli.main(argv)
+
+
+# ---- noise and feedback -----------------------------------------------------------------------
+@pytest.fixture
+def transformers_log():
+    """What transformers logs meanwhile (its loggers do not propagate; `warning_once` forgets what
+    it already said, so an earlier test cannot hide a warning)."""
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+def test_our_forward_uses_no_deprecated_transformers_argument(tiny_ckpts, transformers_log, family):
+    import torch
+
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.decoding.cache import DiffusionCache
+
+    backbone = load_backbone(tiny_ckpts[family], device="cpu")
+    ids = torch.randint(0, 40, (1, 8))
+    cache = DiffusionCache()
+    backbone.logits(ids)
+    backbone.logits(ids, cache=cache)  # fills the cache
+    backbone.logits(ids, cache=cache, window=(4, 8))
+    assert "deprecated" not in transformers_log.getvalue()

@@ -231,3 +231,26 @@ def test_our_forward_uses_no_deprecated_transformers_argument(tiny_ckpts, transf
     backbone.logits(ids, cache=cache)  # fills the cache
     backbone.logits(ids, cache=cache, window=(4, 8))
     assert "deprecated" not in transformers_log.getvalue()
+
+
+TASK_CLASS_LINE = "class: !function lm_eval_dlmem.tasks.task.GeneratedTask"
+
+
+def test_our_tasks_load_without_lm_evals_custom_kwargs_hint(tiny_ckpts, caplog):
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_dlmem.tasks import tasks_path
+
+    # every YAML that builds its data with a loader uses the quiet task class (includes carry it)
+    loaders = [p for p in Path(tasks_path()).rglob("*") if p.is_file() and "custom_dataset:" in p.read_text()]
+    assert len(loaders) >= 5 and all(TASK_CLASS_LINE in p.read_text() for p in loaders)
+    manager = TaskManager(include_path=[tasks_path()], include_defaults=False,
+                          metadata={"pretrained": tiny_ckpts["llada"]})
+    with caplog.at_level(logging.INFO):
+        tasks = manager.load(["dlmem_demo_gen", "dlmem_ruler_vt_1k"])
+    built = tasks["tasks"]
+    assert len(built["dlmem_demo_gen"].dataset["test"]) > 0 and len(built["dlmem_ruler_vt_1k"].dataset["test"]) > 0
+    assert built["dlmem_ruler_vt_1k"].config.metadata["pretrained"] == tiny_ckpts["llada"]  # loaders get metadata
+    assert "Custom kwargs" not in caplog.text

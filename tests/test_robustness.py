@@ -254,3 +254,22 @@ def test_our_tasks_load_without_lm_evals_custom_kwargs_hint(tiny_ckpts, caplog):
     assert len(built["dlmem_demo_gen"].dataset["test"]) > 0 and len(built["dlmem_ruler_vt_1k"].dataset["test"]) > 0
     assert built["dlmem_ruler_vt_1k"].config.metadata["pretrained"] == tiny_ckpts["llada"]  # loaders get metadata
     assert "Custom kwargs" not in caplog.text
+
+
+def test_loading_an_adapter_raises_no_warning_under_W_error(tiny_ckpts, tmp_path):
+    import warnings
+
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.memory.adapters import add_outer_lora
+
+    backbone = load_backbone(tiny_ckpts["llada_moe"], device="cpu")
+    add_outer_lora(backbone, r=2, alpha=4).model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `python -W error -m lm_eval ... adapter=`
+        lm = make_lm(tiny_ckpts["llada_moe"], "MemDLMLLaDAMoE", adapter=str(tmp_path / "adapter"))
+    assert type(lm.backbone.model).__name__ == "PeftModel"
+    # PEFT asks this to decide on its checkpointing hooks: the answer must stay right
+    fresh = load_backbone(tiny_ckpts["llada_moe"], device="cpu").model
+    assert fresh.is_gradient_checkpointing is False
+    fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert fresh.is_gradient_checkpointing is True

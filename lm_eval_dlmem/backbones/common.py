@@ -251,6 +251,16 @@ class DlmPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         self.gradient_checkpointing = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether a block runs under activation checkpointing.
+
+        PEFT's `PeftModel.__init__` reads this name on every adapter load; transformers 5.x made
+        it a deprecated alias that raises a FutureWarning (an error under `python -W error`).
+        Answered here directly, the same way transformers' `is_activation_checkpointing` does.
+        """
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
         if isinstance(module, nn.Linear):

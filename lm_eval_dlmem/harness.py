@@ -76,8 +76,12 @@ class DlmLM(TemplateLM):
 
         self.accelerator = None
         requested = self.args.device
-        if requested in (None, "cuda:0", "cuda") and not torch.cuda.is_available():
-            requested = "cpu"  # lm-eval always sends cuda:0; on a CPU machine that means cpu
+        if requested in ("cuda:0", "cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI sends cuda:0 when --device is not given; on a CPU machine run on CPU, and say so
+            default = " (lm-eval's default --device)" if requested == "cuda:0" else ""
+            log.warning("device=%s%s, but torch sees no CUDA device here: running on CPU. Pass --device cpu "
+                        "to ask for it.", requested, default)
+            requested = "cpu"
         accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
         if accelerator.num_processes > 1:
             if self.args.parallelize:

@@ -273,3 +273,22 @@ def test_loading_an_adapter_raises_no_warning_under_W_error(tiny_ckpts, tmp_path
     assert fresh.is_gradient_checkpointing is False
     fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert fresh.is_gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("device, default", [("cuda", False), ("cuda:0", True)])
+def test_cuda_on_a_machine_without_one_says_it_runs_on_cpu(tiny_ckpts, monkeypatch, caplog, device, default):
+    import torch
+
+    from lm_eval_dlmem import harness
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem"):
+        lm = harness.MetaStateLLaDA(pretrained=tiny_ckpts["llada"], device=device)
+    assert lm.device == torch.device("cpu")
+    said = [r.getMessage() for r in caplog.records if "no CUDA device" in r.getMessage()]
+    assert said == [f"device={device}{' (lm-eval' + chr(39) + 's default --device)' if default else ''}, but torch "
+                    "sees no CUDA device here: running on CPU. Pass --device cpu to ask for it."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem"):
+        harness.MetaStateLLaDA(pretrained=tiny_ckpts["llada"], device="cpu")
+    assert "CUDA" not in caplog.text

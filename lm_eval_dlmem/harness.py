@@ -364,13 +364,12 @@ class DlmLM(TemplateLM):
                 out = loglikelihood(
                     self.backbone, pairs, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                     seeds=seeds, cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
-                    memory=self.memory,
+                    memory=self.memory, progress=bar,  # moves per finished request, not per chunk
                 )
             for ((ctx, cont), _, _), res in zip(part, out):
                 res = (float(res[0]), bool(res[1]))
                 self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
                 results.append(res)
-            bar.update(len(part))
         bar.close()
         return results
 

@@ -292,3 +292,25 @@ def test_cuda_on_a_machine_without_one_says_it_runs_on_cpu(tiny_ckpts, monkeypat
     with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem"):
         harness.MetaStateLLaDA(pretrained=tiny_ckpts["llada"], device="cpu")
     assert "CUDA" not in caplog.text
+
+
+def test_the_loglikelihood_bar_moves_per_batch_not_per_chunk(tiny_ckpts, monkeypatch):
+    from lm_eval_dlmem import harness
+
+    steps = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total = total
+
+        def update(self, n):
+            steps.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(harness, "tqdm", Bar)
+    lm = make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4)
+    pairs = [("The cat sat on", f" the mat number {i}") for i in range(10)]  # one 64-request chunk
+    lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)])
+    assert sum(steps) == 10 and len(steps) >= 5  # a forward of 4 rows finishes at most one request here

@@ -314,3 +314,31 @@ def test_the_loglikelihood_bar_moves_per_batch_not_per_chunk(tiny_ckpts, monkeyp
     pairs = [("The cat sat on", f" the mat number {i}") for i in range(10)]  # one 64-request chunk
     lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)])
     assert sum(steps) == 10 and len(steps) >= 5  # a forward of 4 rows finishes at most one request here
+
+
+def test_ruler_and_babilong_data_generation_show_a_progress_bar(tiny_ckpts, monkeypatch):
+    import tqdm
+
+    from lm_eval_dlmem.tasks import babilong, ruler
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, desc="", **kwargs):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    ruler.load("vt", "1k", pretrained=tiny_ckpts["llada"], num_samples=3, seed=11)
+    babilong.load("qa1", "0k", pretrained=tiny_ckpts["llada"], num_samples=2, babilong_source="generate", seed=11)
+    assert [(b.desc, b.total, b.n) for b in bars] == [
+        ("Generating RULER vt at 1024 tokens", 3, 3), ("Generating BABILong qa1 at 0 tokens", 2, 2)]

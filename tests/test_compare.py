@@ -10,7 +10,8 @@ import pytest
 
 from lm_eval_dlmem.leaderboard import compare
 from lm_eval_dlmem.leaderboard.plot import length_series, plot_lengths
-from lm_eval_dlmem.leaderboard.results import CorruptResultsError, NoResultsError, find_results_files, load_runs, split_length
+from lm_eval_dlmem.leaderboard.results import (CorruptResultsError, NoResultsError, find_results_files, load_runs,
+                                               split_length)
 
 
 def write_results(path, model_args, scores, *, model="metastate-llada", date=1.0, limit=None, groups=None,

@@ -110,7 +110,9 @@ def fingerprint(inputs: dict) -> str:
 
 def changed_inputs(old: dict | None, new: dict) -> str:
     """Why a previous attempt with inputs `old` does not count for `new`, in words."""
-    if not isinstance(old, dict) or old.get("spec") != new["spec"]:
+    if not isinstance(old, dict):
+        return "its previous run.json records no inputs (unreadable, or written by an older version)"
+    if old.get("spec") != new["spec"]:
         return "the spec changed"
     old_ckpts = old.get("checkpoints") or {}
     changed = [k for k in sorted(set(old_ckpts) | set(new["checkpoints"]))

@@ -89,8 +89,12 @@ class DlmLM(TemplateLM):
 
         self.accelerator = None
         requested = self.args.device
-        if requested in (None, "cuda:0", "cuda") and not torch.cuda.is_available():
-            requested = "cpu"  # lm-eval always sends cuda:0; on a CPU machine that means cpu
+        if requested in ("cuda:0", "cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI sends cuda:0 when --device is not given; on a CPU machine run on CPU, and say so
+            default = " (lm-eval's default --device)" if requested == "cuda:0" else ""
+            log.warning("device=%s%s, but torch sees no CUDA device here: running on CPU. Pass --device cpu "
+                        "to ask for it.", requested, default)
+            requested = "cpu"
         accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
         if accelerator.num_processes > 1:
             if self.args.parallelize:
@@ -384,14 +388,13 @@ class DlmLM(TemplateLM):
                 out = loglikelihood(
                     self.backbone, pairs, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                     seeds=seeds, cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
-                    memory=self.memory,
+                    memory=self.memory, progress=bar,  # moves per finished request, not per chunk
                 )
             for ((ctx, cont), _, _), res in zip(part, out):
                 undecided += res[1] is None
                 res = (float(res[0]), bool(res[1]))
                 self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
                 results.append(res)
-            bar.update(len(part))
         bar.close()
         if undecided:
             warn_is_greedy_not_computed(undecided, len(requests))

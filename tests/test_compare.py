@@ -10,7 +10,8 @@ import pytest
 
 from lm_eval_dlmem.leaderboard import compare
 from lm_eval_dlmem.leaderboard.plot import length_series, plot_lengths
-from lm_eval_dlmem.leaderboard.results import NoResultsError, find_results_files, load_runs, split_length
+from lm_eval_dlmem.leaderboard.results import (CorruptResultsError, NoResultsError, find_results_files, load_runs,
+                                               split_length)
 
 
 def write_results(path, model_args, scores, *, model="metastate-llada", date=1.0, limit=None, groups=None,
@@ -127,6 +128,32 @@ def test_paths_without_results_give_clear_errors(tmp_path, capsys):
     assert "holds no lm-eval results file" in capsys.readouterr().err
     assert compare.main([str(tmp_path / "missing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_a_corrupt_or_truncated_results_file_is_named(tmp_path, capsys):
+    d = tmp_path / "run"
+    write_results(d / "m" / "results_2026-01-01T00-00-00.json", {"pretrained": "p"}, {"t": {"acc,none": 0.1}})
+    newer = write_results(d / "m" / "results_2026-01-02T00-00-00.123456.json", {"pretrained": "p"},
+                          {"t": {"acc,none": 0.9}}, date=2.0)
+    newer.write_text(newer.read_text()[:40])  # killed while lm-eval wrote it
+    with pytest.raises(CorruptResultsError, match=f"{newer} is corrupt or truncated"):
+        load_runs(d)  # not the older file's 0.1, silently
+    assert compare.main([str(d)]) == 2
+    err = capsys.readouterr().err
+    assert str(newer) in err and "holds no" not in err
+    # the only file, or one named on the command line, or lm-eval's <stem>_<date>.json naming
+    (d / "m" / "results_2026-01-01T00-00-00.json").unlink()
+    assert compare.main([str(newer)]) == 2 and "is corrupt or truncated" in capsys.readouterr().err
+    stem = tmp_path / "out" / "mine_2026-01-03T00-00-00.json"
+    stem.parent.mkdir()
+    stem.write_text("")
+    with pytest.raises(CorruptResultsError, match="mine_2026-01-03T00-00-00.json is corrupt"):
+        find_results_files(tmp_path / "out")
+    # other unreadable JSON beside the results (not lm-eval's) is still skipped
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "notes.json").write_text("{")
+    write_results(tmp_path / "ok" / "results_1.json", {"pretrained": "p"}, {"t": {"acc,none": 0.1}})
+    assert len(find_results_files(tmp_path / "ok")) == 1
 
 
 def test_cli_writes_markdown_and_png(two_runs, tmp_path, capsys):

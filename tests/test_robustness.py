@@ -197,3 +197,148 @@ def test_our_cli_prints_the_message_without_a_traceback(tmp_path, capsys, monkey
     monkeypatch.setenv("LM_EVAL_DLMEM_TRACEBACK", "1")
     with pytest.raises(FileNotFoundError):
         cli.main(argv)
+
+
+# ---- noise and feedback -----------------------------------------------------------------------
+@pytest.fixture
+def transformers_log():
+    """What transformers logs meanwhile (its loggers do not propagate; `warning_once` forgets what
+    it already said, so an earlier test cannot hide a warning)."""
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger("transformers")
+    root.addHandler(handler)
+    yield stream
+    root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("family", ["llada", "dream", "llada_moe"])
+def test_our_forward_uses_no_deprecated_transformers_argument(tiny_ckpts, transformers_log, family):
+    import torch
+
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.decoding.cache import DiffusionCache
+
+    backbone = load_backbone(tiny_ckpts[family], device="cpu")
+    ids = torch.randint(0, 40, (1, 8))
+    cache = DiffusionCache()
+    backbone.logits(ids)
+    backbone.logits(ids, cache=cache)  # fills the cache
+    backbone.logits(ids, cache=cache, window=(4, 8))
+    assert "deprecated" not in transformers_log.getvalue()
+
+
+TASK_CLASS_LINE = "class: !function lm_eval_dlmem.tasks.task.GeneratedTask"
+
+
+def test_our_tasks_load_without_lm_evals_custom_kwargs_hint(tiny_ckpts, caplog):
+    from pathlib import Path
+
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_dlmem.tasks import tasks_path
+
+    # every YAML that builds its data with a loader uses the quiet task class (includes carry it)
+    loaders = [p for p in Path(tasks_path()).rglob("*") if p.is_file() and "custom_dataset:" in p.read_text()]
+    assert len(loaders) >= 5 and all(TASK_CLASS_LINE in p.read_text() for p in loaders)
+    manager = TaskManager(include_path=[tasks_path()], include_defaults=False,
+                          metadata={"pretrained": tiny_ckpts["llada"]})
+    with caplog.at_level(logging.INFO):
+        tasks = manager.load(["dlmem_demo_gen", "dlmem_ruler_vt_1k"])
+    built = tasks["tasks"]
+    assert len(built["dlmem_demo_gen"].dataset["test"]) > 0 and len(built["dlmem_ruler_vt_1k"].dataset["test"]) > 0
+    assert built["dlmem_ruler_vt_1k"].config.metadata["pretrained"] == tiny_ckpts["llada"]  # loaders get metadata
+    assert "Custom kwargs" not in caplog.text
+
+
+def test_loading_an_adapter_raises_no_warning_under_W_error(tiny_ckpts, tmp_path):
+    import warnings
+
+    from lm_eval_dlmem.backbones.loading import load_backbone
+    from lm_eval_dlmem.memory.adapters import add_outer_lora
+
+    backbone = load_backbone(tiny_ckpts["llada_moe"], device="cpu")
+    add_outer_lora(backbone, r=2, alpha=4).model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `python -W error -m lm_eval ... adapter=`
+        lm = make_lm(tiny_ckpts["llada_moe"], "MemDLMLLaDAMoE", adapter=str(tmp_path / "adapter"))
+    assert type(lm.backbone.model).__name__ == "PeftModel"
+    # PEFT asks this to decide on its checkpointing hooks: the answer must stay right
+    fresh = load_backbone(tiny_ckpts["llada_moe"], device="cpu").model
+    assert fresh.is_gradient_checkpointing is False
+    fresh.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert fresh.is_gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("device, default", [("cuda", False), ("cuda:0", True)])
+def test_cuda_on_a_machine_without_one_says_it_runs_on_cpu(tiny_ckpts, monkeypatch, caplog, device, default):
+    import torch
+
+    from lm_eval_dlmem import harness
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem"):
+        lm = harness.MetaStateLLaDA(pretrained=tiny_ckpts["llada"], device=device)
+    assert lm.device == torch.device("cpu")
+    said = [r.getMessage() for r in caplog.records if "no CUDA device" in r.getMessage()]
+    assert said == [f"device={device}{' (lm-eval' + chr(39) + 's default --device)' if default else ''}, but torch "
+                    "sees no CUDA device here: running on CPU. Pass --device cpu to ask for it."]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem"):
+        harness.MetaStateLLaDA(pretrained=tiny_ckpts["llada"], device="cpu")
+    assert "CUDA" not in caplog.text
+
+
+def test_the_loglikelihood_bar_moves_per_batch_not_per_chunk(tiny_ckpts, monkeypatch):
+    from lm_eval_dlmem import harness
+
+    steps = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total = total
+
+        def update(self, n):
+            steps.append(n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(harness, "tqdm", Bar)
+    lm = make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4)
+    pairs = [("The cat sat on", f" the mat number {i}") for i in range(10)]  # one 64-request chunk
+    lm.loglikelihood([Instance("loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)])
+    assert sum(steps) == 10 and len(steps) >= 5  # a forward of 4 rows finishes at most one request here
+
+
+def test_ruler_and_babilong_data_generation_show_a_progress_bar(tiny_ckpts, monkeypatch):
+    import tqdm
+
+    from lm_eval_dlmem.tasks import babilong, ruler
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, desc="", **kwargs):
+            self.total, self.desc, self.n = total, desc, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    ruler.load("vt", "1k", pretrained=tiny_ckpts["llada"], num_samples=3, seed=11)
+    babilong.load("qa1", "0k", pretrained=tiny_ckpts["llada"], num_samples=2, babilong_source="generate", seed=11)
+    assert [(b.desc, b.total, b.n) for b in bars] == [
+        ("Generating RULER vt at 1024 tokens", 3, 3), ("Generating BABILong qa1 at 0 tokens", 2, 2)]

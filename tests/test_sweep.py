@@ -202,3 +202,125 @@ def test_sweep_and_compare_with_an_hf_baseline(tiny_ckpts, tmp_path, quick_lm_ev
     base, llada, delta = (float(c.split("±")[0]) for c in rows["t_mc/acc"])
     assert delta == pytest.approx(llada - base)
     assert "- **gpt2** (baseline): hf (pretrained=" in (out / "compare.md").read_text()
+
+
+# ---- stale, duplicated and concurrent runs ----------------------------------------------------
+@pytest.fixture
+def fake_lm_eval(monkeypatch):
+    """`simple_evaluate` replaced by a stub that returns one score and one sample per run, saved by
+    lm-eval's real EvaluationTracker: the sweep's bookkeeping without a model. Records the calls;
+    `fail_after_save` makes a call crash once lm-eval's files are written (a kill mid-run)."""
+    import lm_eval
+
+    state = {"calls": [], "fail_after_save": False}
+
+    def stub(**kw):
+        state["calls"].append(kw["model_args"])
+        kw["evaluation_tracker"].general_config_tracker.model_name_sanitized = "m"
+        return {"results": {"t": {"alias": "t", "acc,none": 0.5}}, "configs": {"t": {}},
+                "config": {"model": kw["model"], "model_args": kw["model_args"], "limit": None},
+                "samples": {"t": [{"doc_id": 0, "doc_hash": "d", "prompt_hash": "p", "target_hash": "t",
+                                   "arguments": [["q", {}]], "resps": [["a"]], "filtered_resps": ["a"],
+                                   "target": "a"}]}}
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", stub)
+    monkeypatch.setattr(sweep_mod.TaskManagers, "get", lambda self, *a, **k: None)
+    real_install = sweep_mod.install_outputs
+
+    def install(staging, path):
+        if state["fail_after_save"]:
+            raise KeyboardInterrupt  # killed after lm-eval wrote its files, before they were moved
+        return real_install(staging, path)
+
+    monkeypatch.setattr(sweep_mod, "install_outputs", install)
+    return state
+
+
+def one_run_sweep(tmp_path, ckpt):
+    data = {"output_dir": str(tmp_path / "out"), "runs": [{"name": "r", "model": "metastate-llada",
+                                                          "model_args": {"pretrained": str(ckpt)}, "tasks": ["t"]}]}
+    return write_yaml(tmp_path / "sweep.yaml", data)
+
+
+def run_files(run):
+    return sorted(p.name.split("_")[0] for p in run.rglob("*_*.json*") if ".superseded" not in p.parts)
+
+
+def test_a_checkpoint_retrained_in_place_is_rerun_with_a_fresh_cache(tmp_path, fake_lm_eval, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"old weights")
+    f = one_run_sweep(tmp_path, ckpt)
+    assert sweep_mod.main([f]) == 0
+    (tmp_path / "out" / "r" / "cache").mkdir()  # lm-eval's --use_cache answers of the old weights
+    assert sweep_mod.main([f]) == 0 and len(fake_lm_eval["calls"]) == 1
+    assert "complete, skipped" in capsys.readouterr().out
+    (ckpt / ".cache").mkdir()  # tools' hidden files do not count
+    assert sweep_mod.main([f]) == 0 and len(fake_lm_eval["calls"]) == 1
+
+    (ckpt / "model.safetensors").write_bytes(b"new weights")  # same size: the mtime tells
+    os.utime(ckpt / "model.safetensors", ns=(1, 10**18))
+    assert sweep_mod.main([f]) == 0 and len(fake_lm_eval["calls"]) == 2
+    out = capsys.readouterr().out
+    assert "r: the files of pretrained= changed on disk; the previous attempt was moved to" in out
+    assert not (tmp_path / "out" / "r" / "cache").exists()
+    assert len(list((tmp_path / "out" / ".superseded").glob("r-*/cache"))) == 1
+    assert sweep_mod.main([f, "--dry_run"]) == 0 and "r [complete]" in capsys.readouterr().out
+
+
+def test_force_and_a_kill_before_the_marker_leave_one_results_file(tmp_path, fake_lm_eval):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    f = one_run_sweep(tmp_path, ckpt)
+    run = tmp_path / "out" / "r"
+    assert sweep_mod.main([f]) == 0
+    assert run_files(run) == ["results", "samples"]
+    assert sweep_mod.main([f, "--force"]) == 0
+    assert len(fake_lm_eval["calls"]) == 2 and run_files(run) == ["results", "samples"]
+    done = json.loads((run / "COMPLETE.json").read_text())
+    assert Path(done["results_file"]).is_file() and Path(done["results_file"]).parent.parent == run
+
+    (run / "COMPLETE.json").unlink()  # killed between the results file and the marker
+    assert sweep_mod.main([f]) == 0 and run_files(run) == ["results", "samples"]
+
+    fake_lm_eval["fail_after_save"] = True  # killed while lm-eval's files are still staged
+    with pytest.raises(KeyboardInterrupt):
+        sweep_mod.main([f, "--force"])
+    assert run_files(run) == ["results", "samples"] and (run / "COMPLETE.json").is_file()
+    fake_lm_eval["fail_after_save"] = False
+    assert sweep_mod.main([f, "--force"]) == 0 and run_files(run) == ["results", "samples"]
+    assert not list((tmp_path / "out" / ".staging").rglob("*.json*"))
+    assert not list(run.glob(".*.tmp"))
+
+
+HOLD_LOCK = """import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_run_locked_by_a_live_sweep_is_skipped_and_a_dead_ones_lock_is_not(tmp_path, fake_lm_eval, capsys):
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    f = one_run_sweep(tmp_path, ckpt)
+    lock = tmp_path / "out" / ".locks" / "r.lock"
+    lock.parent.mkdir(parents=True)
+    other = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        assert sweep_mod.main([f]) == 0
+        assert fake_lm_eval["calls"] == []
+        assert f"r: being run by another sweep (pid {other.pid}), skipped" in capsys.readouterr().out
+        assert sweep_mod.main([f, "--dry_run"]) == 0
+        assert f"r [running (pid {other.pid})]" in capsys.readouterr().out
+    finally:
+        other.kill()
+        other.wait()
+    assert sweep_mod.main([f]) == 0 and len(fake_lm_eval["calls"]) == 1  # the kernel dropped its lock
+    assert (tmp_path / "out" / "r" / "COMPLETE.json").is_file()

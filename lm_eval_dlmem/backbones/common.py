@@ -7,11 +7,18 @@ when a cache is used), H query heads, G key/value heads, D head dim, C hidden si
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers 5.x renamed the output's cache field from `past_key_values` to `cache`; building an
+# output with the old name logs "`past_key_values`/`cache_params` are deprecated" on every run.
+OUTPUT_CACHE_FIELD = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+                      else "past_key_values")
 
 
 def plain_rope(config) -> bool:
@@ -244,6 +251,16 @@ class DlmPreTrainedModel(PreTrainedModel):
         super().__init__(config, *args, **kwargs)
         self.gradient_checkpointing = False
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether a block runs under activation checkpointing.
+
+        PEFT's `PeftModel.__init__` reads this name on every adapter load; transformers 5.x made
+        it a deprecated alias that raises a FutureWarning (an error under `python -W error`).
+        Answered here directly, the same way transformers' `is_activation_checkpointing` does.
+        """
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", None) or getattr(self.config, "init_std", 0.02)
         if isinstance(module, nn.Linear):
@@ -302,8 +319,8 @@ class DlmPreTrainedModel(PreTrainedModel):
             return (logits, cache)
         return CausalLMOutputWithPast(
             logits=logits,
-            past_key_values=cache,
             hidden_states=tuple(hidden) if hidden is not None else None,
+            **{OUTPUT_CACHE_FIELD: cache},
         )
 
     # transformers' generate() is autoregressive; diffusion decoding lives in lm_eval_dlmem.decoding.

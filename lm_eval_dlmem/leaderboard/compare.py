@@ -35,6 +35,7 @@ def load_comparison(paths: list[str], labels: list[str] | None = None) -> list[R
 
     Raises:
         FileNotFoundError, NoResultsError: a path is missing or holds no results.
+        CorruptResultsError: a results file under a path cannot be parsed (named in the message).
         ValueError: the number of labels does not match the number of runs.
     """
     runs: list[Run] = []

@@ -25,6 +25,15 @@ class NoResultsError(ValueError):
     """A path given to `compare` holds no lm-eval results file."""
 
 
+class CorruptResultsError(ValueError):
+    """An lm-eval results file that cannot be read (truncated by a kill, a full disk, an edit)."""
+
+
+# lm-eval names its aggregated results results_<date>.json, or <stem>_<date>.json when
+# --output_path ends in .json; <date> is an ISO time with ':' replaced by '-'.
+_LM_EVAL_NAME = re.compile(r"^results_.*\.json$|_\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(\.\d+)?\.json$")
+
+
 @dataclass
 class Score:
     """One metric of one task: value and, when lm-eval computed it, its standard error."""
@@ -73,12 +82,13 @@ def find_results_files(path: str | os.PathLike) -> list[Path]:
     Raises:
         FileNotFoundError: `path` does not exist.
         NoResultsError: nothing under `path` is an lm-eval results file.
+        CorruptResultsError: a results file under `path` cannot be parsed (named in the message).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file or directory.")
     candidates = [p] if p.is_file() else sorted(q for q in p.rglob("*.json") if q.is_file())
-    files = [q for q in candidates if _is_results_file(q)]
+    files = [q for q in candidates if _is_results_file(q, named=q == p)]
     if not files:
         what = "is not an lm-eval results file" if p.is_file() else "holds no lm-eval results file"
         raise NoResultsError(
@@ -88,13 +98,24 @@ def find_results_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _is_results_file(path: Path) -> bool:
+def _is_results_file(path: Path, named: bool = False) -> bool:
+    """Whether `path` holds lm-eval aggregated results.
+
+    Raises:
+        CorruptResultsError: the file is not valid JSON and is one `compare` must read: named on
+            the command line, or named the way lm-eval names results. Skipping it would show an
+            older file's numbers, or none, without saying why.
+    """
     if path.name.startswith("samples_"):  # per-sample logs (JSONL) sit beside the results
         return False
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError) as e:
+        if named or _LM_EVAL_NAME.search(path.name):
+            raise CorruptResultsError(
+                f"{path} is corrupt or truncated ({type(e).__name__}: {e}); rerun the evaluation that "
+                "wrote it, or delete the file.") from None
         return False
     return isinstance(data, dict) and isinstance(data.get("results"), dict) and "config" in data
 
@@ -103,7 +124,7 @@ def load_runs(path: str | os.PathLike) -> list[Run]:
     """The runs (one per model configuration) found at or under `path`, oldest first.
 
     Raises:
-        FileNotFoundError, NoResultsError: see `find_results_files`.
+        FileNotFoundError, NoResultsError, CorruptResultsError: see `find_results_files`.
     """
     by_config: dict[str, list[tuple[float, Path, dict]]] = {}
     for file in find_results_files(path):
@@ -194,5 +215,5 @@ def format_length(tokens: int) -> str:
     return f"{tokens // 1024}k" if tokens % 1024 == 0 else str(tokens)
 
 
-__all__ = ["NoResultsError", "Run", "Score", "find_results_files", "format_length", "load_runs",
+__all__ = ["CorruptResultsError", "NoResultsError", "Run", "Score", "find_results_files", "format_length", "load_runs",
            "parse_metrics", "split_length"]

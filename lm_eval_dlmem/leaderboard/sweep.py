@@ -17,17 +17,28 @@ Every run goes through lm-eval's Python API (`simple_evaluate`) and lm-eval's ow
 (results_*.json, samples_*.jsonl). Beside them: `run.json` (the resolved spec), `command.txt`
 (the equivalent `lm_eval` command), `cache/` (`--use_cache`, so an interrupted run resumes),
 `error.txt` (the traceback of a failed attempt) and `COMPLETE.json`, written only after the
-results file is on disk. A run whose marker matches its spec is skipped; a run whose spec changed
-starts over (the old directory is moved under `<output_dir>/.superseded/`). A failing run does not
-stop the sweep; the exit status is non-zero and names the failures. `${VAR}` / `${VAR:-default}`
-in the YAML expand from the environment.
+results file is on disk.
+
+A run is defined by its inputs: the spec and the files of every local checkpoint its model args
+name (`pretrained`, `metastate`, `adapter`, ...: relative path, size and mtime of each file). A
+run whose marker matches its inputs is skipped; a run whose inputs changed (spec edited, or a
+checkpoint retrained in place) starts over (the old directory, `cache/` included, is moved under
+`<output_dir>/.superseded/`). lm-eval writes into `<output_dir>/.staging/<name>/`; the files are
+moved into the run directory only when it finished, replacing the previous attempt's, so a run
+directory never holds two results files. Each run is locked while it runs (`<output_dir>/.locks/`,
+an flock the kernel drops when its process dies): a second sweep on the same output_dir skips the
+runs a live sweep is running. A failing run does not stop the sweep; the exit status is non-zero
+and names the failures. `${VAR}` / `${VAR:-default}` in the YAML expand from the environment.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import errno
+import fcntl
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -39,41 +50,196 @@ from pathlib import Path
 from .spec import RunSpec, Sweep, load_sweep
 
 MARKER = "COMPLETE.json"
+# Model args that name a checkpoint (ours, and `hf`'s `peft`): their local files define the run too.
+CHECKPOINT_ARGS = ("pretrained", "model_path", "tokenizer", "metastate", "adapter", "peft")
+# What lm-eval's EvaluationTracker writes into an --output_path (under <model_name_sanitized>/).
+OUTPUT_PATTERNS = ("results_*.json", "samples_*.jsonl")
 
 
 def run_dir(sweep: Sweep, spec: RunSpec) -> Path:
     return Path(sweep.output_dir) / spec.name
 
 
-def is_complete(sweep: Sweep, spec: RunSpec) -> bool:
-    """True when the run's marker exists, matches its spec and its results file is still there."""
+def staging_dir(sweep: Sweep, spec: RunSpec) -> Path:
+    """Where lm-eval writes a run's files before they are moved into the run directory."""
+    return Path(sweep.output_dir) / ".staging" / spec.name
+
+
+# ---- what defines a run ----------------------------------------------------------------------
+def checkpoint_signature(path: Path) -> str:
+    """Digest of every file under a local checkpoint: relative path, size, mtime (ns).
+
+    Size and mtime, not contents: hashing 16 GB of weights per sweep would cost minutes, and
+    retraining or copying over a checkpoint rewrites its files. Hidden entries (.cache, .git)
+    are skipped: tools touch them without changing the weights.
+    """
+    rows = [[f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in _visible_files(path)]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def _visible_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = []
+    for root, dirs, names in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+    return files
+
+
+def run_inputs(spec: RunSpec) -> dict:
+    """Everything that defines the run's results.
+
+    Returns:
+        {"spec": the spec's fingerprint (model, model args, tasks, ...),
+         "checkpoints": {model arg: signature} for the args that name a local file or directory;
+         a hub id is covered by the spec alone}.
+    """
+    checkpoints = {}
+    for key in CHECKPOINT_ARGS:
+        value = spec.model_args.get(key)
+        if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+            checkpoints[key] = checkpoint_signature(Path(os.path.expanduser(value)))
+    return {"spec": spec.fingerprint(), "checkpoints": checkpoints}
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_inputs(old: dict | None, new: dict) -> str:
+    """Why a previous attempt with inputs `old` does not count for `new`, in words."""
+    if not isinstance(old, dict):
+        return "its previous run.json records no inputs (unreadable, or written by an older version)"
+    if old.get("spec") != new["spec"]:
+        return "the spec changed"
+    old_ckpts = old.get("checkpoints") or {}
+    changed = [k for k in sorted(set(old_ckpts) | set(new["checkpoints"]))
+               if old_ckpts.get(k) != new["checkpoints"].get(k)]
+    return f"the files of {', '.join(f'{k}=' for k in changed)} changed on disk" if changed else "its inputs changed"
+
+
+def is_complete(sweep: Sweep, spec: RunSpec, inputs: dict | None = None) -> bool:
+    """True when the run's marker exists, matches its inputs and its results file is still there."""
     marker = run_dir(sweep, spec) / MARKER
     try:
         done = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return done.get("fingerprint") == spec.fingerprint() and Path(done.get("results_file", "")).is_file()
+    inputs = run_inputs(spec) if inputs is None else inputs
+    return (isinstance(done, dict) and done.get("fingerprint") == fingerprint(inputs)
+            and Path(done.get("results_file", "")).is_file())
 
 
-def prepare_dir(sweep: Sweep, spec: RunSpec) -> Path:
-    """Create the run directory; move a previous attempt with a different spec out of the way."""
+def prepare_dir(sweep: Sweep, spec: RunSpec, inputs: dict) -> Path:
+    """Create the run directory; move a previous attempt with other inputs out of the way (its
+    `cache/` holds answers of the old checkpoint, which lm-eval would otherwise reuse)."""
     path = run_dir(sweep, spec)
     previous = path / "run.json"
     if previous.is_file():
         try:
-            old = json.loads(previous.read_text(encoding="utf-8")).get("fingerprint")
+            old = json.loads(previous.read_text(encoding="utf-8"))
         except ValueError:
-            old = None
-        if old != spec.fingerprint():
+            old = {}
+        if not isinstance(old, dict) or old.get("fingerprint") != fingerprint(inputs):
             dest = Path(sweep.output_dir) / ".superseded" / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(str(path), str(dest))
-            print(f"[sweep] {spec.name}: the spec changed; the previous attempt was moved to {dest}", flush=True)
+            why = changed_inputs(old.get("inputs") if isinstance(old, dict) else None, inputs)
+            print(f"[sweep] {spec.name}: {why}; the previous attempt was moved to {dest}", flush=True)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "run.json").write_text(json.dumps({"fingerprint": spec.fingerprint(), "spec": spec.to_dict()},
-                                              indent=2, default=str), encoding="utf-8")
-    (path / "command.txt").write_text(spec.lm_eval_command(str(path)) + "\n", encoding="utf-8")
+    write_atomic(path / "run.json", json.dumps({"fingerprint": fingerprint(inputs), "inputs": inputs,
+                                                "spec": spec.to_dict()}, indent=2, default=str))
+    write_atomic(path / "command.txt", spec.lm_eval_command(str(path)) + "\n")
     return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader (or a kill) sees the old file or the new one, never
+    half of one: a temp file beside it, then os.replace."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def install_outputs(staging: Path, path: Path) -> Path:
+    """Move lm-eval's files from `staging` into the run directory `path`, replacing the previous
+    attempt's results and samples (so the directory holds one results file).
+
+    Returns:
+        The results_*.json file, at its place under `path`.
+
+    Raises:
+        RuntimeError: lm-eval wrote no results file into `staging`.
+    """
+    new = sorted(staging.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not new:
+        raise RuntimeError(f"lm-eval did not write a results file under {staging} (see its log above).")
+    (path / MARKER).unlink(missing_ok=True)
+    for old in output_files(path):
+        old.unlink()
+    for f in output_files(staging):
+        dest = path / f.relative_to(staging)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    return path / new[-1].relative_to(staging)
+
+
+def output_files(path: Path) -> list[Path]:
+    """lm-eval's results and samples files under a run (or staging) directory."""
+    return sorted({f for pattern in OUTPUT_PATTERNS for f in path.rglob(pattern) if f.is_file()})
+
+
+class RunLock:
+    """An exclusive lock on one run, so that two sweeps on one output_dir do not both run it.
+
+    An flock on `<output_dir>/.locks/<name>.lock`: the kernel drops it when the holding process
+    ends, however it ends, so a killed sweep leaves no stale lock. The file holds the holder's pid
+    for the message.
+    """
+
+    def __init__(self, sweep: Sweep, spec: RunSpec):
+        self.path = Path(sweep.output_dir) / ".locks" / f"{spec.name}.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock without waiting.
+
+        Returns:
+            None when this process holds it now, else the pid of the holder (as text; "?" when
+            the holder has not written it yet).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return None
+
+    def holder(self) -> str | None:
+        """The pid holding the lock, or None when it is free (for --dry_run; takes nothing)."""
+        if not self.path.is_file():
+            return None
+        held = self.acquire()
+        self.release()
+        return held
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 class TaskManagers:
@@ -104,11 +270,12 @@ class TaskManagers:
                                metadata=metadata)
 
 
-def evaluate(spec: RunSpec, path: Path, managers: TaskManagers) -> Path:
-    """Run one spec through `simple_evaluate` and save it the way `lm_eval --output_path` does.
+def evaluate(spec: RunSpec, path: Path, managers: TaskManagers, staging: Path) -> Path:
+    """Run one spec through `simple_evaluate` and save it the way `lm_eval --output_path` does:
+    into `staging`, then moved into the run directory `path` (see `install_outputs`).
 
     Returns:
-        The results_*.json file written.
+        The results_*.json file, under `path`.
 
     Raises:
         Whatever the evaluation raises; RuntimeError when lm-eval did not write the results file.
@@ -116,8 +283,9 @@ def evaluate(spec: RunSpec, path: Path, managers: TaskManagers) -> Path:
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
 
-    tracker = EvaluationTracker(output_path=str(path))
-    before = set(path.rglob("results_*.json"))
+    shutil.rmtree(staging, ignore_errors=True)  # a killed attempt's leftovers
+    staging.mkdir(parents=True)
+    tracker = EvaluationTracker(output_path=str(staging))
     results = lm_eval.simple_evaluate(
         model=spec.model, model_args=dict(spec.model_args), tasks=list(spec.tasks),
         num_fewshot=spec.num_fewshot, batch_size=spec.batch_size, max_batch_size=spec.max_batch_size,
@@ -137,33 +305,34 @@ def evaluate(spec: RunSpec, path: Path, managers: TaskManagers) -> Path:
     if samples:
         for task_name in results.get("configs", {}):
             tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    written = sorted(set(path.rglob("results_*.json")) - before, key=lambda p: p.stat().st_mtime)
-    if not written:
-        raise RuntimeError(f"lm-eval did not write a results file under {path} (see its log above).")
-    return written[-1]
+    return install_outputs(staging, path)
 
 
-def execute(sweep: Sweep, spec: RunSpec, managers: TaskManagers) -> str | None:
+def execute(sweep: Sweep, spec: RunSpec, managers: TaskManagers, inputs: dict | None = None) -> str | None:
     """Run one spec, recording success (marker) or failure (error.txt).
+
+    Args:
+        inputs: `run_inputs(spec)`, taken when the run starts (computed here when None).
 
     Returns:
         None on success, else a one-line description of the failure.
     """
-    path = prepare_dir(sweep, spec)
+    inputs = run_inputs(spec) if inputs is None else inputs
+    path = prepare_dir(sweep, spec, inputs)
     error_file = path / "error.txt"
     start = time.time()
     try:
-        results_file = evaluate(spec, path, managers)
+        results_file = evaluate(spec, path, managers, staging_dir(sweep, spec))
     except Exception as e:  # noqa: BLE001  one run's failure must not end the sweep; KeyboardInterrupt does
-        error_file.write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}", encoding="utf-8")
+        write_atomic(error_file, f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}")
         summary = f"{type(e).__name__}: {e}".splitlines()[0][:300]
         del e
         _free_memory()
         return f"{summary} (traceback in {error_file})"
     error_file.unlink(missing_ok=True)
-    marker = {"fingerprint": spec.fingerprint(), "results_file": str(results_file),
+    marker = {"fingerprint": fingerprint(inputs), "inputs": inputs, "results_file": str(results_file),
               "seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-    (path / MARKER).write_text(json.dumps(marker, indent=2), encoding="utf-8")
+    write_atomic(path / MARKER, json.dumps(marker, indent=2))
     _free_memory()
     return None
 
@@ -201,12 +370,16 @@ def run_sweep(sweep: Sweep, *, force: bool = False, only: list[str] | None = Non
     for i, spec in enumerate(sweep.runs, 1):
         if only and spec.name not in only:
             continue
-        if not force and is_complete(sweep, spec):
-            print(f"[sweep] {i}/{len(sweep.runs)} {spec.name}: complete, skipped", flush=True)
+        lock = RunLock(sweep, spec)
+        holder = lock.acquire()
+        if holder is not None:
+            print(f"[sweep] {i}/{len(sweep.runs)} {spec.name}: being run by another sweep (pid {holder}), "
+                  f"skipped", flush=True)
             continue
-        print(f"[sweep] {i}/{len(sweep.runs)} {spec.name}: {spec.lm_eval_command(str(run_dir(sweep, spec)))}",
-              flush=True)
-        failure = execute(sweep, spec, managers)
+        try:
+            failure = _run_locked(sweep, spec, managers, force, f"{i}/{len(sweep.runs)}")
+        finally:
+            lock.release()
         if failure:
             failures[spec.name] = failure
             print(f"[sweep] {spec.name}: FAILED: {failure}", file=sys.stderr, flush=True)
@@ -215,6 +388,17 @@ def run_sweep(sweep: Sweep, *, force: bool = False, only: list[str] | None = Non
     except (OSError, ValueError) as e:  # the runs' own results are on disk either way
         print(f"[sweep] could not write the comparison: {e}", file=sys.stderr)
     return failures
+
+
+def _run_locked(sweep: Sweep, spec: RunSpec, managers: TaskManagers, force: bool, counter: str) -> str | None:
+    """One run, under its lock: skip it when complete (checked now: another sweep may have just
+    finished it), else execute it. Returns the failure description or None."""
+    inputs = run_inputs(spec)
+    if not force and is_complete(sweep, spec, inputs):
+        print(f"[sweep] {counter} {spec.name}: complete, skipped", flush=True)
+        return None
+    print(f"[sweep] {counter} {spec.name}: {spec.lm_eval_command(str(run_dir(sweep, spec)))}", flush=True)
+    return execute(sweep, spec, managers, inputs)
 
 
 def write_comparison(sweep: Sweep) -> str | None:
@@ -230,7 +414,7 @@ def write_comparison(sweep: Sweep) -> str | None:
     runs = load_comparison(paths, labels=[s.name for s in done])
     text = report(runs, sweep.compare.get("tasks"))
     out = Path(sweep.output_dir)
-    (out / "compare.md").write_text(text, encoding="utf-8")
+    write_atomic(out / "compare.md", text)
     plotted = plot_lengths(runs, str(out / "compare.png"), sweep.compare.get("plot_tasks", "ruler|babilong"))
     print(text)
     print(f"[sweep] table: {out / 'compare.md'}" + (f", plot: {out / 'compare.png'}" if plotted else ""))
@@ -262,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.dry_run:
         for spec in sweep.runs:
-            state = "complete" if is_complete(sweep, spec) else "to run"
+            holder = RunLock(sweep, spec).holder()
+            state = (f"running (pid {holder})" if holder else "complete" if is_complete(sweep, spec) else "to run")
             print(f"{spec.name} [{state}]: {spec.lm_eval_command(str(run_dir(sweep, spec)))}")
         return 0
     only = [s.strip() for s in args.only.split(",")] if args.only else None

@@ -36,6 +36,7 @@ from .common import (
     load_sizing_tokenizer,
     option,
     require_tokenizer_name,
+    sample_bar,
     sample_rng,
     to_dataset,
 )
@@ -262,7 +263,12 @@ def _row(task: str, context: str, question: str, target: str, count: TokenCounte
 @lru_cache(maxsize=64)
 def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: str, reserve: int):
     count = TokenCounter(load_sizing_tokenizer(tokenizer))
-    return to_dataset(generate_sample(task, length, i, seed, count, reserve) for i in range(num_samples))
+    rows = []
+    with sample_bar(f"BABILong {task} at {length} tokens", num_samples) as bar:
+        for i in range(num_samples):
+            rows.append(generate_sample(task, length, i, seed, count, reserve))
+            bar.update(1)
+    return to_dataset(rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -163,6 +163,14 @@ def data_seed(meta: dict) -> int:
     return int_option(meta, "data_seed", DEFAULT_SEED)
 
 
+def sample_bar(what: str, total: int):
+    """A progress bar over the samples being generated (one task at 32k tokens takes minutes of
+    tokenizing before lm-eval shows anything)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"Generating {what}", unit="sample")
+
+
 def sample_rng(*parts) -> random.Random:
     """An RNG for one sample. A str seed is hashed with SHA-512, so it is the same in every process."""
     return random.Random("/".join(str(p) for p in parts))

@@ -33,6 +33,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(Function, lambda d, v: d.represent_scalar("!function", str(v)))
+# Quiet loading of the generated data (see task.py).
+TASK_CLASS = Function(f"{PKG}.task.GeneratedTask")
 _Dumper.add_representer(
     str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style='"' if "\n" in v else None)
 )
@@ -59,7 +61,7 @@ def _group(name: str, tasks: list[str], aggregate: bool = True) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 RULER_COMMON = {
-    "dataset_path": "", "custom_dataset": Function(f"{PKG}.ruler.load"), "test_split": "test",
+    "class": TASK_CLASS, "dataset_path": "", "custom_dataset": Function(f"{PKG}.ruler.load"), "test_split": "test",
     "output_type": "generate_until", "doc_to_text": "input", "doc_to_target": "target",
     "gen_prefix": "gen_prefix", "num_fewshot": 0, "metadata": {"version": VERSION},
 }
@@ -101,7 +103,7 @@ def ruler_files() -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 BABILONG_COMMON = {
-    "dataset_path": "", "custom_dataset": Function(f"{PKG}.babilong.load"), "test_split": "test",
+    "class": TASK_CLASS, "dataset_path": "", "custom_dataset": Function(f"{PKG}.babilong.load"), "test_split": "test",
     "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "target", "num_fewshot": 0,
     "process_results": Function(f"{PKG}.babilong.score"), "metric_list": [_metric("score")],
     "generation_kwargs": {**GREEDY, "max_gen_toks": babilong.MAX_NEW_TOKENS, "until": []},
@@ -131,7 +133,7 @@ def babilong_files() -> dict[str, dict]:
 # ---------------------------------------------------------------------------------------------
 
 LONGBENCH_COMMON = {
-    "dataset_path": "", "custom_dataset": Function(f"{PKG}.longbench.load"), "test_split": "test",
+    "class": TASK_CLASS, "dataset_path": "", "custom_dataset": Function(f"{PKG}.longbench.load"), "test_split": "test",
     "output_type": "generate_until", "doc_to_text": "prompt", "doc_to_target": "target", "num_fewshot": 0,
     "process_results": Function(f"{PKG}.longbench.score"), "metadata": {"version": VERSION},
 }

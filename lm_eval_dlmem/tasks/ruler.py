@@ -36,6 +36,7 @@ from .common import (
     load_sizing_tokenizer,
     option,
     require_tokenizer_name,
+    sample_bar,
     sample_rng,
     to_dataset,
 )
@@ -174,15 +175,17 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
     drafts = [gen.make(rng_for(i), units, i) for i in range(opts.num_samples)]
     sizes = count.many([d[0] + d[1] for d in drafts])
     rows, skipped = [], []
-    for i, (draft, size) in enumerate(zip(drafts, sizes)):
-        if not oversized and not budget - slack <= size <= budget:
-            draft, size = _refit(gen, i, rng_for, count, budget, slack, units, size)
-        if not oversized and size > budget:
-            skipped.append(i)
-            continue
-        rows.append({"index": i, "input": draft[0], "gen_prefix": draft[1], "outputs": list(draft[2]),
-                     "target": ", ".join(draft[2]), "length": size + TOKENS_TO_GENERATE[task],
-                     "max_length": length, "haystack": gen.haystack})
+    with sample_bar(f"RULER {task} at {length} tokens", opts.num_samples) as bar:
+        for i, (draft, size) in enumerate(zip(drafts, sizes)):
+            if not oversized and not budget - slack <= size <= budget:
+                draft, size = _refit(gen, i, rng_for, count, budget, slack, units, size)
+            bar.update(1)
+            if not oversized and size > budget:
+                skipped.append(i)
+                continue
+            rows.append({"index": i, "input": draft[0], "gen_prefix": draft[1], "outputs": list(draft[2]),
+                         "target": ", ".join(draft[2]), "length": size + TOKENS_TO_GENERATE[task],
+                         "max_length": length, "haystack": gen.haystack})
     if skipped:
         # e.g. cwe with a small-vocabulary tokenizer: even the fewest words overflow some samples
         log.warning("RULER %s: %d of %d samples do not fit %d tokens even at their smallest and are skipped "

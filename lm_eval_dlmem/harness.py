@@ -9,11 +9,9 @@ is the frozen baseline through the same code path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import zlib
 from datetime import timedelta
 
@@ -32,6 +30,7 @@ from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
 from .memory.base import NoMemory
 from .model_args import ModelArgs, merge_harness_args
+from .run_cache import fingerprint, namespace_cache
 
 log = logging.getLogger(__name__)
 
@@ -221,12 +220,8 @@ class DlmLM(TemplateLM):
         super().set_cache_hook(cache_hook)
 
     def fingerprint(self) -> str:
-        """Hash of the model args and of the files of local checkpoint directories, so a
-        checkpoint retrained in place (same path, new weights) is a new configuration."""
-        fields = self.args.fingerprint_fields()
-        files = {k: _dir_signature(fields.get(k)) for k in ("pretrained", "tokenizer", "metastate", "adapter")}
-        blob = json.dumps([fields, files], sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        """This configuration's identity: model args and local checkpoint files (see `run_cache`)."""
+        return fingerprint(self.args.fingerprint_fields())
 
     def get_model_info(self) -> dict:
         return {"family": self.backbone.family, "pretrained": self.args.pretrained,
@@ -460,29 +455,6 @@ def repeat_indices(requests) -> list[int]:
     return out
 
 
-def _dir_signature(spec) -> list | None:
-    """(name, size, mtime) of the files in a local checkpoint directory; None for hub ids."""
-    path = os.path.expanduser(spec) if isinstance(spec, str) else None
-    if not path or not os.path.isdir(path):
-        return None
-    return sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(path) if e.is_file())
-
-
-def namespace_cache(db, fingerprint: str) -> None:
-    """Point lm-eval's SqliteDict cache at a table of its own for this model configuration."""
-    table = f"dlmem_{fingerprint}"
-    try:
-        from sqlitedict import SqliteDict
-
-        SqliteDict(db.filename, tablename=table, autocommit=True).close()  # creates the table
-        db.tablename = table
-    except Exception as e:  # an unknown cache backend must not silently mix configurations
-        raise RuntimeError(
-            f"Could not namespace the --use_cache database by model args ({e!r}); run without --use_cache "
-            "or use one cache path per configuration."
-        ) from e
-
-
 class MetaStateLLaDA(DlmLM):
     """`metastate-llada`: LLaDA-8B (Base/Instruct/1.5); `metastate=none` is the frozen baseline."""
 
@@ -506,4 +478,4 @@ class MemDLMLLaDAMoE(DlmLM):
     preset = {"strategy": "llada"}
 
 
-__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "namespace_cache"]
+__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE"]

@@ -47,6 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ..run_cache import local_signature
 from .spec import RunSpec, Sweep, load_sweep
 
 MARKER = "COMPLETE.json"
@@ -66,28 +67,6 @@ def staging_dir(sweep: Sweep, spec: RunSpec) -> Path:
 
 
 # ---- what defines a run ----------------------------------------------------------------------
-def checkpoint_signature(path: Path) -> str:
-    """Digest of every file under a local checkpoint: relative path, size, mtime (ns).
-
-    Size and mtime, not contents: hashing 16 GB of weights per sweep would cost minutes, and
-    retraining or copying over a checkpoint rewrites its files. Hidden entries (.cache, .git)
-    are skipped: tools touch them without changing the weights.
-    """
-    rows = [[f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns]
-            for f in _visible_files(path)]
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-
-
-def _visible_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = []
-    for root, dirs, names in os.walk(path, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
-    return files
-
-
 def run_inputs(spec: RunSpec) -> dict:
     """Everything that defines the run's results.
 
@@ -98,9 +77,9 @@ def run_inputs(spec: RunSpec) -> dict:
     """
     checkpoints = {}
     for key in CHECKPOINT_ARGS:
-        value = spec.model_args.get(key)
-        if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
-            checkpoints[key] = checkpoint_signature(Path(os.path.expanduser(value)))
+        signature = local_signature(spec.model_args.get(key))
+        if signature is not None:
+            checkpoints[key] = signature
     return {"spec": spec.fingerprint(), "checkpoints": checkpoints}
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import zlib
-from datetime import timedelta
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -28,8 +26,9 @@ from tqdm import tqdm
 
 from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
-from .memory.base import NoMemory
-from .model_args import ModelArgs, merge_harness_args
+from .devices import place
+from .memory.build import build_memory
+from .model_args import ModelArgs, decode_config, merge_harness_args
 from .run_cache import fingerprint, namespace_cache
 
 log = logging.getLogger(__name__)
@@ -52,20 +51,23 @@ class DlmLM(TemplateLM):
     def __init__(self, **kwargs):
         super().__init__()
         self.args = ModelArgs.from_kwargs(self.preset, **kwargs)
-        self._setup_devices()
         a = self.args
-        self.backbone = load_backbone(
-            a.pretrained, family=a.family, dtype=a.dtype, device=self._device_for_load(),
+        placement = place(a.device, a.parallelize)
+        self.accelerator, self._device = placement.accelerator, placement.device
+        self._rank, self._world_size = placement.rank, placement.world_size
+        backbone = load_backbone(
+            a.pretrained, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
             device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
             strict_weights=a.strict_weights,
         )
-        if self.family and self.backbone.family != self.family:
+        if self.family and backbone.family != self.family:
             log.warning("%s is set up for %s checkpoints; %s is a %s checkpoint. Proceeding with its own "
-                        "family defaults.", type(self).__name__, self.family, a.pretrained, self.backbone.family)
+                        "family defaults.", type(self).__name__, self.family, a.pretrained, backbone.family)
+        # an adapter= gives a new backbone: spec and tokenizer are taken from the one decoding runs on
+        self.backbone, self.memory = build_memory(a, backbone)
         self.spec = self.backbone.spec
         self.tokenizer = self.backbone.tokenizer
-        self.memory = self._build_memory()
         self._max_length = a.max_length or self._default_max_length()
         self._batch_size = a.batch_size
         self._truncated_warned = 0
@@ -83,32 +85,6 @@ class DlmLM(TemplateLM):
         return cls(**merge_harness_args(arg_dict, additional_config or {}))
 
     # ---- setup -----------------------------------------------------------------------------
-    def _setup_devices(self):
-        from accelerate import Accelerator, InitProcessGroupKwargs
-
-        self.accelerator = None
-        requested = self.args.device
-        if requested in ("cuda:0", "cuda") and not torch.cuda.is_available():
-            # lm-eval's CLI sends cuda:0 when --device is not given; on a CPU machine run on CPU, and say so
-            default = " (lm-eval's default --device)" if requested == "cuda:0" else ""
-            log.warning("device=%s%s, but torch sees no CUDA device here: running on CPU. Pass --device cpu "
-                        "to ask for it.", requested, default)
-            requested = "cpu"
-        accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
-        if accelerator.num_processes > 1:
-            if self.args.parallelize:
-                raise ValueError("parallelize=True (one model spread over devices) cannot be combined with "
-                                 "data-parallel `accelerate launch`; use one or the other.")
-            self.accelerator = accelerator
-            self._device = accelerator.device
-            self._rank = accelerator.process_index
-            self._world_size = accelerator.num_processes
-        else:
-            self._device = torch.device(requested or "cpu")
-
-    def _device_for_load(self):
-        return None if self.args.parallelize else self._device
-
     def _default_max_length(self) -> int:
         cfg = self.backbone.config
         for key in ("max_sequence_length",):
@@ -117,40 +93,6 @@ class DlmLM(TemplateLM):
         if self.backbone.family == "llada_moe" and getattr(cfg, "max_position_embeddings", None):
             return int(cfg.max_position_embeddings)
         return DEFAULT_MAX_LENGTH[self.backbone.family]
-
-    def _build_memory(self):
-        a = self.args
-        if a.metastate:
-            from .memory.metastate import load_memory_for
-
-            return load_memory_for(a.metastate, self.backbone)
-        if a.adapter:
-            from .memory.adapters import AdapterKeysError
-            from .memory.fast_weights import apply_adapter
-
-            try:
-                self.backbone = apply_adapter(self.backbone, a.adapter, strict=a.strict_weights)
-            except AdapterKeysError:
-                raise  # names the keys itself
-            except (RuntimeError, ValueError) as e:  # PEFT: no matching modules / size mismatch
-                cfg = self.backbone.config
-                raise ValueError(
-                    f"adapter={a.adapter!r} does not fit pretrained={a.pretrained!r} ({self.backbone.family}, "
-                    f"hidden size {cfg.hidden_size}, {cfg.num_hidden_layers} layers); it was made for another "
-                    f"backbone (see base_model_name_or_path in its adapter_config.json). "
-                    f"PEFT said: {' '.join(line.strip() for line in str(e).strip().splitlines()[:2])}"
-                ) from e
-        if a.inner_steps > 0:
-            from .memory.fast_weights import FastWeightMemory, MemDLMConfig
-
-            cfg = MemDLMConfig(
-                inner_steps=a.inner_steps, inner_lr=a.inner_lr, inner_rank=a.inner_rank,
-                inner_alpha=a.inner_alpha, inner_layer_fraction=a.inner_layer_fraction,
-                inner_mask_ratio=a.inner_mask_ratio, seed=a.seed, inner_targets=a.inner_targets,
-                inner_adapter_dropout=a.inner_adapter_dropout,
-            )
-            return FastWeightMemory(self.backbone, cfg)
-        return NoMemory()
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
     @property
@@ -230,27 +172,8 @@ class DlmLM(TemplateLM):
 
     # ---- generation ----------------------------------------------------------------------------
     def decode_config(self, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:
-        """Map a task's generation request onto a DecodeConfig (see README: decoding args)."""
-        a = self.args
-        gen = a.gen_length or max_gen_toks
-        block = a.block_length or gen
-        gen = math.ceil(gen / block) * block
-        blocks = gen // block
-        if a.steps:
-            steps = min(max(blocks, math.ceil(a.steps / blocks) * blocks), gen)
-        elif a.steps_per_block:
-            steps = blocks * min(a.steps_per_block, block)
-        else:
-            steps = gen
-        temperature = a.temperature if a.temperature is not None else float(gen_kwargs.get("temperature", 0.0))
-        return DecodeConfig(
-            gen_length=gen, steps=steps, block_length=block, strategy=a.strategy or "llada",
-            remasking=a.remasking, alg=a.alg, alg_temp=a.alg_temp, eps=a.eps, temperature=temperature,
-            top_p=a.top_p if a.top_p is not None else gen_kwargs.get("top_p"),
-            top_k=a.top_k if a.top_k is not None else gen_kwargs.get("top_k"),
-            threshold=a.threshold, cfg_scale=a.cfg_scale, cache=a.cache, logits_eos_inf=a.logits_eos_inf,
-            confidence_eos_eot_inf=a.confidence_eos_eot_inf, stop_early=a.stop_early, seed=a.seed,
-        )
+        """Map a task's generation request onto a DecodeConfig (`model_args.decode_config`)."""
+        return decode_config(self.args, max_gen_toks, gen_kwargs)
 
     def request_seed(self, *parts, repeat: int = 0) -> int:
         """Seed from the request's content and its repeat index: independent of batch size,

@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import math
 import typing
 from dataclasses import dataclass, field
 
 from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
-from .decoding.config import DECODE_RANGES
+from .decoding.config import DECODE_RANGES, DecodeConfig
+from .memory.fast_weights import MemDLMConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +57,15 @@ RANGES = {
 }
 
 
-@dataclass
-class ModelArgs:
-    """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe` (and `dlm`).
+_DECODE = DecodeConfig()  # DecodeConfig's defaults are the decoding model args' defaults
+_MEMDLM = MemDLMConfig()  # and MemDLMConfig's the inner_* ones
 
-    Loading: pretrained, revision, family, tokenizer, dtype, device, parallelize, load_in_4bit,
-    load_in_8bit, strict_weights, max_length, add_bos_token, truncation_side, batch_size, max_batch_size.
-    Decoding (see `DecodeConfig`): strategy, gen_length, steps, steps_per_block, block_length,
-    remasking, alg, alg_temp, eps, temperature, top_p, top_k, threshold, cfg_scale, cache,
-    logits_eos_inf, confidence_eos_eot_inf, stop_early.
-    Likelihood: mc_num, mc_batch_size, check_greedy, likelihood_cfg.
-    Memory: metastate (path, hub id or none), adapter (PEFT LoRA), inner_steps, inner_lr,
-    inner_rank, inner_alpha, inner_layer_fraction, inner_mask_ratio, inner_targets,
-    inner_adapter_dropout. Reproducibility: seed.
-    """
+
+@dataclass
+class LoadArgs:
+    """Loading and batching: pretrained, revision, family, tokenizer, dtype, device, parallelize,
+    load_in_4bit, load_in_8bit, strict_weights, max_length, add_bos_token, truncation_side,
+    batch_size, max_batch_size."""
 
     pretrained: str = ""
     revision: str | None = None
@@ -85,45 +82,98 @@ class ModelArgs:
     truncation_side: str = "middle"
     batch_size: str = "1"
     max_batch_size: int | None = None
-    # decoding
-    strategy: str | None = None
+
+
+@dataclass
+class DecodeArgs:
+    """Decoding (see `DecodeConfig`). The length and sampling args default to None: the task's
+    request decides (`max_gen_toks`, one step per token, one block; its temperature/top_p/top_k).
+    The others override `DecodeConfig`'s field of the same name and default to it."""
+
+    strategy: str | None = _DECODE.strategy  # none: DecodeConfig's
     gen_length: int | None = None
     steps: int | None = None
     steps_per_block: int | None = None
     block_length: int | None = None
-    remasking: str = "low_confidence"
-    alg: str = "entropy"
-    alg_temp: float | None = None
-    eps: float = 1e-3
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
-    threshold: float = 0.9
-    cfg_scale: float = 0.0
-    cache: str = "none"
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
-    stop_early: bool = True
-    # likelihood
+    remasking: str = _DECODE.remasking
+    alg: str = _DECODE.alg
+    alg_temp: float | None = _DECODE.alg_temp
+    eps: float = _DECODE.eps
+    threshold: float = _DECODE.threshold
+    cfg_scale: float = _DECODE.cfg_scale
+    cache: str = _DECODE.cache
+    logits_eos_inf: bool = _DECODE.logits_eos_inf
+    confidence_eos_eot_inf: bool = _DECODE.confidence_eos_eot_inf
+    stop_early: bool = _DECODE.stop_early
+
+
+@dataclass
+class LikelihoodArgs:
+    """Monte Carlo log-likelihood (`decoding.likelihood`): mc_num, mc_batch_size, check_greedy,
+    likelihood_cfg."""
+
     mc_num: int = 128
     mc_batch_size: int = 32
     check_greedy: bool = False
     likelihood_cfg: float = 0.0
-    # memory
+
+
+@dataclass
+class MemoryArgs:
+    """Memory: metastate (path, hub id or none), adapter (PEFT LoRA), and MemDLM's inference inner
+    loop (`MemDLMConfig`'s inner_* fields, with its defaults, except inner_steps: 0 here, so a run
+    adapts only when asked)."""
+
     metastate: str | None = None
     adapter: str | None = None
     inner_steps: int = 0
-    inner_lr: float = 0.1
-    inner_rank: int = 32
-    inner_alpha: float = 64.0
-    inner_layer_fraction: float = 0.1
-    inner_mask_ratio: float = 0.2
-    inner_targets: str = "released"  # fast-weight targets: released (the released code's) or ffn
-    inner_adapter_dropout: bool = True  # outer LoRA dropout on while the inner loop adapts (released)
+    inner_lr: float = _MEMDLM.inner_lr
+    inner_rank: int = _MEMDLM.inner_rank
+    inner_alpha: float = _MEMDLM.inner_alpha
+    inner_layer_fraction: float = _MEMDLM.inner_layer_fraction
+    inner_mask_ratio: float = _MEMDLM.inner_mask_ratio
+    inner_targets: str = _MEMDLM.inner_targets  # fast-weight targets: released (the released code's) or ffn
+    inner_adapter_dropout: bool = _MEMDLM.inner_adapter_dropout  # outer LoRA dropout on while adapting
+
+
+GROUPS = {"load": LoadArgs, "decode": DecodeArgs, "likelihood": LikelihoodArgs, "memory": MemoryArgs}
+# flat model arg (as users type it) -> the group that holds it
+GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class ModelArgs:
+    """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe` (and `dlm`),
+    parsed into one typed config per concern: `load`, `decode`, `likelihood`, `memory` (their
+    docstrings list the args), plus `seed` (requests, decoding and the inner loop).
+
+    Users type flat names (`steps=64`), and every flat name reads and writes through to its group
+    (`args.steps is args.decode.steps`).
+    """
+
+    load: LoadArgs = field(default_factory=LoadArgs)
+    decode: DecodeArgs = field(default_factory=DecodeArgs)
+    likelihood: LikelihoodArgs = field(default_factory=LikelihoodArgs)
+    memory: MemoryArgs = field(default_factory=MemoryArgs)
     seed: int = 1234
-    extra: dict = field(default_factory=dict, repr=False)
     # field -> the key the user typed for it (an alias such as max_new_tokens), so errors name it
     typed_names: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __getattr__(self, name):
+        group = GROUP_OF.get(name)
+        if group is None:
+            raise AttributeError(f"{type(self).__name__!s} has no model arg {name!r}")
+        return getattr(self.__dict__[group], name)
+
+    def __setattr__(self, name, value):
+        group = GROUP_OF.get(name)
+        if group is None:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.__dict__[group], name, value)
 
     def __post_init__(self):
         if not self.pretrained:
@@ -145,7 +195,7 @@ class ModelArgs:
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
         """Build from lm-eval's model-args dict: alias, reject, cast, then validate."""
-        valid = {f.name for f in dataclasses.fields(cls) if f.name not in ("extra", "typed_names")}
+        valid = set(GROUP_OF) | {"seed"}
         values = dict(defaults or {})
         typed = {}
         for typed_key, value in kwargs.items():
@@ -171,14 +221,54 @@ class ModelArgs:
                     f"Unknown model arg {key!r}.{hint} Valid model args: {', '.join(sorted(valid))}."
                 )
             values[key] = value
-        hints = typing.get_type_hints(cls)
+        hints = {**typing.get_type_hints(cls), **{k: v for c in GROUPS.values() for k, v in typing.get_type_hints(c).items()}}
         cast = {k: _cast(typed.get(k, k), v, hints[k]) for k, v in values.items()}
-        return cls(**cast, typed_names=typed)
+        groups = {group: c(**{k: v for k, v in cast.items() if GROUP_OF.get(k) == group}) for group, c in GROUPS.items()}
+        return cls(**groups, **{k: v for k, v in cast.items() if k not in GROUP_OF}, typed_names=typed)
+
+    def flat(self) -> dict:
+        """Every model arg under the name users type."""
+        out = {name: value for group in GROUPS for name, value in dataclasses.asdict(getattr(self, group)).items()}
+        return {**out, "seed": self.seed}
 
     def fingerprint_fields(self) -> dict:
         """Everything that can change a model output (for cache namespacing)."""
-        skip = {"batch_size", "max_batch_size", "device", "parallelize", "extra", "typed_names"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        skip = {"batch_size", "max_batch_size", "device", "parallelize"}
+        return {k: v for k, v in self.flat().items() if k not in skip}
+
+
+# DecodeArgs fields that DecodeConfig takes as they are (the rest come from the request, below)
+DECODE_PASSTHROUGH = tuple(f.name for f in dataclasses.fields(DecodeArgs)
+                           if f.name in {g.name for g in dataclasses.fields(DecodeConfig)}
+                           and f.name not in ("gen_length", "steps", "block_length", "temperature", "top_p", "top_k"))
+
+
+def decode_config(args: ModelArgs, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:
+    """A task's generation request under these model args (see README: decoding args).
+
+    The canvas is `gen_length` (else the task's max_gen_toks) rounded up to whole blocks;
+    `steps` is rounded up to a multiple of the block count (at most one step per token),
+    `steps_per_block` gives each block that many, neither means one step per token. A model
+    arg's temperature/top_p/top_k wins over the task's; the other args left at None (`strategy=none`)
+    keep DecodeConfig's default.
+    """
+    d = args.decode
+    gen = d.gen_length or max_gen_toks
+    block = d.block_length or gen
+    gen = math.ceil(gen / block) * block
+    blocks = gen // block
+    if d.steps:
+        steps = min(max(blocks, math.ceil(d.steps / blocks) * blocks), gen)
+    elif d.steps_per_block:
+        steps = blocks * min(d.steps_per_block, block)
+    else:
+        steps = gen
+    temperature = d.temperature if d.temperature is not None else float(gen_kwargs.get("temperature", 0.0))
+    top_p = d.top_p if d.top_p is not None else gen_kwargs.get("top_p")
+    top_k = d.top_k if d.top_k is not None else gen_kwargs.get("top_k")
+    given = {name: getattr(d, name) for name in DECODE_PASSTHROUGH if getattr(d, name) is not None}
+    return DecodeConfig(**given, gen_length=gen, steps=steps,
+                        block_length=block, temperature=temperature, top_p=top_p, top_k=top_k, seed=args.seed)
 
 
 def merge_harness_args(model_args: dict, harness: dict) -> dict:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..checks import NON_NEGATIVE, POSITIVE, UNIT, Range
 
@@ -73,7 +73,6 @@ class DecodeConfig:
     confidence_eos_eot_inf: bool = False
     stop_early: bool = True
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.strategy not in STRATEGIES:

@@ -1,0 +1,51 @@
+"""Where the harness runs: one device, or one rank of a data-parallel `accelerate launch`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Placement:
+    """The process's share of the work.
+
+    Args:
+        device: where inputs go (and the model, unless `parallelize` spreads it with device_map).
+        accelerator: the `Accelerator` of a data-parallel launch; None in a single process.
+        rank / world_size: this process among the data-parallel ones (0 / 1 alone).
+    """
+
+    device: torch.device
+    accelerator: object | None = None
+    rank: int = 0
+    world_size: int = 1
+
+
+def place(requested: str | None, parallelize: bool) -> Placement:
+    """The harness's device from `device=` and the launcher.
+
+    lm-eval's CLI sends `cuda:0` when --device is not given: on a machine without CUDA that runs
+    on CPU with a warning instead of failing. Under `accelerate launch` with several processes each
+    rank takes the accelerator's device; `parallelize=True` (one model over several devices)
+    cannot be combined with it.
+    """
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    if requested in ("cuda:0", "cuda") and not torch.cuda.is_available():
+        default = " (lm-eval's default --device)" if requested == "cuda:0" else ""
+        log.warning("device=%s%s, but torch sees no CUDA device here: running on CPU. Pass --device cpu "
+                    "to ask for it.", requested, default)
+        requested = "cpu"
+    accelerator = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(weeks=52))])
+    if accelerator.num_processes == 1:
+        return Placement(torch.device(requested or "cpu"))
+    if parallelize:
+        raise ValueError("parallelize=True (one model spread over devices) cannot be combined with "
+                         "data-parallel `accelerate launch`; use one or the other.")
+    return Placement(accelerator.device, accelerator, accelerator.process_index, accelerator.num_processes)

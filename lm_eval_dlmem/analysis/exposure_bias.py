@@ -25,7 +25,7 @@ import os
 import torch
 
 from ..training.data import collate, load_pairs, tokenize_pairs
-from .nll import sequential_nll, static_nll
+from ..training.nll import sequential_nll, static_nll
 
 
 def parse_config(spec: str) -> tuple[str, str | None, int]:

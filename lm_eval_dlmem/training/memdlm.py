@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from ..memory.anchor import anchor_states
 from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
+from .common import find_resume
+from .nll import static_nll
 from .state import STATE_NAME, load_trainer_state
 CONFIG_NAME = "memdlm_training.json"
 
@@ -217,8 +219,6 @@ def train_step(model, backbone, memory, batch, args, gen) -> tuple[torch.Tensor,
 def evaluate(backbone, examples, args, memory=None) -> float:
     """Held-out masked NLL (mean over masked response tokens at ratios 0.25/0.5/0.75/1.0),
     with the inference inner loop on the prompt when `memory` is given."""
-    from ..analysis.nll import static_nll
-
     pad = backbone.spec.eos_id
     device = backbone.device
     was_training = backbone.model.training
@@ -230,13 +230,6 @@ def evaluate(backbone, examples, args, memory=None) -> float:
         values += [float(v.mean()) for v in per_ratio.values()]
     backbone.model.train(was_training)
     return sum(values) / max(len(values), 1)
-
-
-def find_resume(spec: str | None, output_dir: str) -> str | None:
-    if spec != "latest":
-        return spec
-    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-")] if os.path.isdir(output_dir) else []
-    return os.path.join(output_dir, max(found, key=lambda d: int(d.split("-")[1]))) if found else None
 
 
 def save(path: str, backbone, optimizer=None, scheduler=None, step: int = 0, args=None) -> None:

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..memory.base import NoMemory, StepInfo
+from .common import cosine_schedule, find_resume
 from .state import load_trainer_state
 
 
@@ -151,14 +150,6 @@ def evaluate(backbone, memory, batches, cfg: UnrollConfig, seed: int = 1234, acc
     return float((total[0] / total[1].clamp_min(1)).sum())
 
 
-def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Multiplier of the base lr: linear warmup, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem train metastate", description=__doc__.split("\n\n")[0])
     # model
@@ -257,16 +248,6 @@ def make_optimizer(module, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
 
 
-def find_resume(spec: str, output_dir: str) -> str | None:
-    if spec != "latest":
-        if not os.path.isfile(os.path.join(spec, "trainer_state.pt")):
-            raise FileNotFoundError(f"--resume {spec}: no trainer_state.pt there; pass a checkpoint-N directory or 'latest'.")
-        return spec
-    steps = [int(m.group(1)) for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
 def save_checkpoint(path, metastate, optimizer, scheduler, step, args) -> None:
     metastate.save_pretrained(path)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "args": vars(args)}
@@ -297,10 +278,9 @@ def setup(args):
                      read_layer=args.read_layer, write_layer=args.write_layer)
         ms = MetaState.init_for(backbone, **{k: v for k, v in sizes.items() if v is not None})
     optimizer = make_optimizer(ms, args)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     step = 0
-    resume = find_resume(args.resume, args.output_dir) if args.resume else None
+    resume = find_resume(args.resume, args.output_dir)
     if resume:
         ms.load_state_dict(MetaState.from_pretrained(resume).state_dict())
         state = load_trainer_state(resume)

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .common import cosine_schedule, find_resume
 from .state import load_trainer_state
 
 MODES = ("pretrain", "sft", "mixed")
@@ -194,14 +193,6 @@ class PairBatches:
         return collate(rows, max(len(r["input_ids"]) for r in rows) + self.gen_pad, self.pad_id)
 
 
-def cosine_lr(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Multiplier of the peak lr: linear warmup, then cosine decay to `min_ratio`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem train pretrain", description=__doc__.split("\n\n")[0])
     # model
@@ -294,16 +285,6 @@ def make_data(args, tokenizer, pad_id: int):
     return PairBatches(train, args.batch_size, args.gen_pad, pad_id, args.seed), evals
 
 
-def find_resume(spec: str, output_dir: str) -> str | None:
-    if spec != "latest":
-        if not os.path.isfile(os.path.join(spec, "trainer_state.pt")):
-            raise FileNotFoundError(f"--resume {spec}: no trainer_state.pt there; pass a checkpoint-N directory or 'latest'.")
-        return spec
-    steps = [int(m.group(1)) for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
-             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
-
-
 def save(path: str, model, tokenizer, optimizer=None, scheduler=None, step: int = 0, args=None) -> None:
     """Model (safetensors + config.json) and tokenizer; with an optimizer, the trainer state too."""
     model.save_pretrained(path, safe_serialization=True)
@@ -317,7 +298,7 @@ def setup(args):
     """(model, tokenizer, optimizer, scheduler, start step)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    resume = find_resume(args.resume, args.output_dir) if args.resume else None
+    resume = find_resume(args.resume, args.output_dir)
     if resume or args.init_from:
         model, tokenizer = load_model(resume or args.init_from)
     elif args.tokenizer:
@@ -332,8 +313,7 @@ def setup(args):
     rest = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_lr(s, args.warmup_steps, args.max_steps, args.min_lr_ratio))
+    scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     step = 0
     if resume:
         state = load_trainer_state(resume)

@@ -1,0 +1,44 @@
+"""Pieces every training script shares: the warmup-cosine schedule and finding the checkpoint to
+resume from (`state.load_trainer_state` reads it back)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import torch
+
+from .state import STATE_NAME
+
+
+def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Multiplier of the peak lr: linear warmup, then cosine decay to `min_ratio`.
+
+    Not transformers' `get_cosine_with_min_lr_schedule_with_warmup`: its warmup starts at 0
+    (step / warmup), ours at 1 / warmup ((step + 1) / warmup), so its values differ.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """`cosine_lr` as a scheduler (its state dict is what checkpoints save)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, warmup, total, min_ratio))
+
+
+def find_resume(spec: str | None, output_dir: str) -> str | None:
+    """The checkpoint `--resume spec` names: a checkpoint directory (it must hold the trainer
+    state), or `latest`: the highest `checkpoint-N` in `output_dir` (None when there is none yet,
+    so `--resume latest` also starts a first run)."""
+    if not spec:
+        return None
+    if spec != "latest":
+        if not os.path.isfile(os.path.join(spec, STATE_NAME)):
+            raise FileNotFoundError(f"--resume {spec}: no {STATE_NAME} there; pass a checkpoint-N directory or 'latest'.")
+        return spec
+    steps = [int(m.group(1)) for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
+             if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None

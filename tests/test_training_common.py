@@ -1,0 +1,26 @@
+"""`training.common`: the resume rules and the schedule, one implementation for every script."""
+
+import pytest
+
+from lm_eval_dlmem.training import common, memdlm, metastate, pretrain
+
+
+@pytest.mark.parametrize("script", [memdlm, metastate, pretrain], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_script_resumes_by_the_same_rules(script, tmp_path):
+    """Kills: a `--resume latest` that crashes on a directory like checkpoint-final (int() of
+    'final') or orders checkpoint-10 before checkpoint-2, and an explicit --resume directory
+    without trainer_state.pt that is only noticed as a raw error while restoring."""
+    for name in ("checkpoint-2", "checkpoint-10", "checkpoint-final"):
+        (tmp_path / name).mkdir()
+    assert script.find_resume("latest", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert script.find_resume("latest", str(tmp_path / "new")) is None  # a first run with --resume latest
+    assert script.find_resume(None, str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="no trainer_state.pt there; pass a checkpoint-N directory"):
+        script.find_resume(str(tmp_path / "checkpoint-2"), str(tmp_path))
+
+
+def test_cosine_schedule_warms_up_from_one_step_and_ends_at_the_floor():
+    values = [common.cosine_lr(s, warmup=4, total=12, min_ratio=0.1) for s in range(14)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == 1.0 and values[12] == values[13] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(values[3:], values[4:]))

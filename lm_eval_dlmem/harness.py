@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import zlib
 from datetime import timedelta
 
 import torch
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
+from .decoding.seeds import request_seed
 from .memory.base import NoMemory
 from .model_args import ModelArgs, merge_harness_args
 
@@ -264,7 +264,7 @@ class DlmLM(TemplateLM):
         if repeat:
             parts = (*parts, {"repeat": int(repeat)})
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
-        return (self.args.seed * 1_000_003 + zlib.crc32(blob)) % (2**31 - 1)
+        return request_seed(self.args.seed, blob)
 
     def _fit_prompt(self, ids: list[int], budget: int) -> list[int]:
         if len(ids) <= budget:

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from ..decoding.seeds import ratio_seed, row_seeds
+
 
 def response_mask(batch: dict) -> torch.Tensor:
     """bool [B, L]: real response tokens (not prompt, not padding)."""
@@ -58,7 +60,7 @@ def adapted(backbone, batch: dict, memory, seeds: list[int]):
 
 
 def _seeds(batch: dict, seed: int, seeds: list[int] | None) -> list[int]:
-    return list(seeds) if seeds is not None else [seed + i for i in range(batch["input_ids"].shape[0])]
+    return list(seeds) if seeds is not None else row_seeds(seed, batch["input_ids"].shape[0])
 
 
 @torch.no_grad()
@@ -78,7 +80,7 @@ def static_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0, see
     out = {}
     with adapted(backbone, batch, memory, seeds):
         for j, ratio in enumerate(ratios):
-            masked = static_masks(maskable, ratio, [s * 1009 + j for s in seeds])
+            masked = static_masks(maskable, ratio, [ratio_seed(s, j) for s in seeds])
             logits = backbone.logits(torch.where(masked, backbone.spec.mask_id, ids), attn)
             out[ratio] = masked_nll(logits, ids, masked)
     return out

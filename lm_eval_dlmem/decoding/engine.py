@@ -23,6 +23,7 @@ import torch
 from ..memory.base import NoMemory
 from .cache import BlockForward
 from .config import DecodeConfig
+from .seeds import row_seeds
 from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
 from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
 
@@ -105,7 +106,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     out = torch.full((B, G), spec.eos_id, dtype=torch.long, device=device)
     if G == 0 or B == 0:
         return out
-    seeds = row_seeds(seeds, B, config.seed)
+    seeds = check_row_seeds(seeds, B, config.seed)
     canvas = Canvas.build(input_ids, attention_mask, G, spec.mask_id)
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()
@@ -189,9 +190,10 @@ def finished_rows(generated: torch.Tensor, stop_ids, stop_sequences, tokenizer) 
     return done
 
 
-def row_seeds(seeds, batch: int, base: int) -> list[int]:
+def check_row_seeds(seeds, batch: int, base: int) -> list[int]:
+    """The caller's per-row seeds, checked, or the defaults `base + i`."""
     if seeds is None:
-        return [base + i for i in range(batch)]
+        return row_seeds(base, batch)
     seeds = [int(s) for s in seeds]
     if len(seeds) != batch:
         raise ValueError(f"Got {len(seeds)} seeds for a batch of {batch} prompts; pass one per row.")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory.base import NoMemory, StepInfo
+from .seeds import row_seeds, window_seed
 
 
 def stratified_masks(target_len: int, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,7 @@ def adapt_once(memory):
 
 
 def _seeds(seeds, n: int) -> list[int]:
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    seeds = row_seeds(0, n) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"Got {len(seeds)} seeds for {n} requests; pass one per request.")
     return seeds
@@ -301,7 +302,7 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
         for w, window in enumerate(map(make_disjoint_window, windows)):
             pairs.append(window)
             owner.append(i)
-            pair_seeds.append(seeds[i] * 10_007 + w)
+            pair_seeds.append(window_seed(seeds[i], w))
     left = [owner.count(i) for i in range(len(token_lists))]
     for i, n in enumerate(left):
         if n == 0:

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backbones.common import default_positions, key_padding_mask
 from ..backbones.llada_moe import EXPERT_TOKENS
+from ..decoding.seeds import memory_seed
 from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
 from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
@@ -304,7 +305,7 @@ class FastWeightMemory(Memory):
             if not self.config.inner_adapter_dropout:
                 self.adapt(ids, attn, states, maskable)
                 return
-            row_seeds = [(self.config.seed * 1_000_003 + int(s)) % 2**63 for s in seeds]
+            row_seeds = [memory_seed(self.config.seed, s) for s in seeds]
             first = attn.argmax(1) if attn.shape[1] else torch.zeros(B, dtype=torch.long, device=ids.device)
             with seeded_adapter_dropout(self.backbone.model, row_seeds, first) as self._dropout:
                 try:
@@ -359,7 +360,7 @@ class FastWeightMemory(Memory):
             layer.fast_B = torch.zeros(len(generators), layer.out_features, r, device=device, dtype=dtype)
 
     def _generator(self, seed: int, device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed((self.config.seed * 1_000_003 + int(seed)) % 2**63)
+        return torch.Generator(device=device).manual_seed(memory_seed(self.config.seed, seed))
 
     # ---- the inner loop -----------------------------------------------------------------------
     def adapt(self, x0, attention_mask, states: list[torch.Tensor], maskable: torch.Tensor) -> list[torch.Tensor]:

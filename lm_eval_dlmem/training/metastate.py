@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..decoding.seeds import step_seed
 from ..memory.base import NoMemory, StepInfo
 from .state import load_trainer_state
 
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in range(args.grad_accum):
             i = step * args.grad_accum + a
             with acc.accumulate(model):
-                loss, _ = model(batches[i], seed=args.seed * 1_000_003 + i * acc.num_processes + acc.process_index)
+                loss, _ = model(batches[i], seed=step_seed(args.seed, i, acc.process_index, acc.num_processes))
                 acc.backward(loss)
                 total += loss.item() / args.grad_accum
                 if acc.sync_gradients and args.grad_clip > 0:

@@ -3,7 +3,7 @@
     canvas = [left-padded prompt | mask * gen_length]
     for each semi-autoregressive block [s, e):
         for each step (schedule of the strategy):
-            logits = forward(canvas, block)          # BlockForward: cache mode, CFG, memory hooks
+            logits = forward(canvas, block)          # forward.py: cache window, CFG, memory step
             tokens, commit = strategy(logits, ...)   # strategies.py
             canvas[:, s:e] = where(commit, tokens, canvas[:, s:e])
         rows whose committed prefix holds EOS/EoT or a stop string are finished: they leave the
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.base import NoMemory
-from .cache import BlockForward
 from .config import DecodeConfig
+from .forward import BlockForward
 from .seeds import row_seeds
 from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
 from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
@@ -114,8 +114,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     attn = canvas.attn if canvas.attn is not None else torch.ones_like(canvas.x)
     prompt_mask = torch.zeros_like(canvas.x, dtype=torch.bool)
     prompt_mask[:, :P] = attn[:, :P].bool()
-    memory.begin(backbone, canvas.x, attn, prompt_mask, seeds)
-    try:
+    with memory.session(backbone, canvas.x, attn, prompt_mask, seeds):
         for b in range(config.num_blocks):
             block = (P + b * n, P + (b + 1) * n)
             decode_block(canvas, rng, forward, config, spec, block)
@@ -134,8 +133,6 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
             canvas, rng = canvas.select(keep), rng.select(keep)
         else:
             out[torch.tensor(canvas.rows, device=device)] = canvas.x[:, P:]
-    finally:
-        memory.end()
     check_no_mask(out, spec.mask_id)
     return out
 

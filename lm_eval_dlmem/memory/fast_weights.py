@@ -15,10 +15,11 @@ the outer LoRA sits on top, as in the released code. Wrappers keep the original 
 them puts the original objects back. Experts see a gathered subset of tokens; the backbone's
 `EXPERT_TOKENS` context variable tells their wrappers each token's row.
 
-Inner loop (`begin`): per row, an anchor mask draws each prompt token with p = inner_mask_ratio;
-the pre-anchor adds random extra masks up to `pre_anchor_scale` times as many (nested); stage k
-denoises state k to the clean prompt (pre-anchor first, anchor last), plain SGD with each fast
-tensor's gradient clipped per row to norm `inner_grad_clip`, token-normalised cross-entropy.
+Inner loop (`begin`, on entering `session`): per row, an anchor mask draws each prompt token with
+p = inner_mask_ratio; the pre-anchor adds random extra masks up to `pre_anchor_scale` times as many
+(nested); stage k denoises state k to the clean prompt (pre-anchor first, anchor last), plain SGD
+with each fast tensor's gradient clipped per row to norm `inner_grad_clip`, token-normalised
+cross-entropy.
 Only the fast layers need gradients: the blocks before them run under no_grad once per stage and
 the boundary hidden state is detached. With an outer adapter its LoRA dropout is active during
 the inner loop (`inner_adapter_dropout`), as in the released evaluator, which adapts in train() mode.
@@ -228,8 +229,6 @@ class FastWeightMemory(Memory):
     restores the original modules. With `inner_steps=0` nothing is installed: the model is
     exactly the frozen (or adapter-only) backbone. Training drives `install`/`reset`/`adapt`.
     """
-
-    name = "memdlm"
 
     def __init__(self, backbone, config: MemDLMConfig):
         self.backbone = backbone

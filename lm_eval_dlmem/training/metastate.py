@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..decoding.seeds import step_seed
-from ..memory.base import NoMemory, StepInfo
+from ..decoding.forward import forward_step
+from ..memory.base import NoMemory
 from .state import load_trainer_state
 
 
@@ -98,14 +99,10 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
     x = torch.where(masked, backbone.spec.mask_id, x0)
     a = int(resp.float().argmax(1).min())  # logits only from the earliest response position
     losses = []
-    memory.begin(backbone, x, attn, batch["prompt_mask"])
-    try:
+    with memory.session(backbone, x, attn, batch["prompt_mask"]):
         for k in range(K):
             ratio = masked.sum(1) / resp_len.clamp_min(1)
-            info = StepInfo(step=k, mask_ratio=ratio, window=(0, L), input_ids=x, full=True)
-            memory.before_forward(info)
-            logits = backbone.logits(x, attn, keep=(a, L))  # [B, L - a, V]
-            memory.after_forward(info)
+            logits = forward_step(backbone, memory, x, attn, step=k, mask_ratio=ratio, keep=(a, L))  # [B, L - a, V]
             m = masked[:, a:]
             if m.any():
                 losses.append(F.cross_entropy(logits[m].float(), x0[:, a:][m]))
@@ -115,8 +112,6 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
                 commit = F.pad(first_k(conf, m, n), (a, 0), value=False)
                 x = torch.where(commit, F.pad(pred, (a, 0)), x)
                 masked = masked & ~commit
-    finally:
-        memory.end()
     per_step = torch.stack(losses) if losses else x0.new_zeros(1, dtype=torch.float32, requires_grad=True)
     return per_step.sum(), per_step
 

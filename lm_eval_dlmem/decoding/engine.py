@@ -4,7 +4,7 @@
     for each semi-autoregressive block [s, e):
         for each step (schedule of the strategy):
             logits = forward(canvas, block)          # forward.py: cache window, CFG, memory step
-            tokens, commit = strategy(logits, ...)   # strategies.py
+            tokens, commit = strategy.commit(logits, ...)   # strategies.py: REGISTRY[config.strategy]
             canvas[:, s:e] = where(commit, tokens, canvas[:, s:e])
         rows whose committed prefix holds EOS/EoT or a stop string are finished: they leave the
         batch, their remaining positions become EOS; the loop ends when no row is left.
@@ -24,8 +24,7 @@ from ..memory.base import NoMemory
 from .config import DecodeConfig
 from .forward import BlockForward
 from .seeds import row_seeds
-from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
-from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
+from .strategies import REGISTRY, RowRandom, StepContext
 
 
 @dataclass
@@ -147,29 +146,19 @@ def decode_block(canvas: Canvas, rng: RowRandom, forward: BlockForward, config: 
                  spec, block: tuple[int, int]) -> None:
     """Run one block's steps, committing tokens into `canvas.x[:, s:e]` in place."""
     s, e = block
-    n = e - s
+    strategy = REGISTRY[config.strategy]
     steps = config.steps // config.num_blocks
-    if config.strategy == "dream":
-        counts = dream_transfer_counts(n, steps, config.eps)
-    else:
-        counts = llada_transfer_counts(n, steps)
+    counts = strategy.counts(e - s, steps, config)
     L = canvas.x.shape[1]
     spans = [(L - p, s - p) for p in canvas.pad]  # each row's unpadded canvas length, block start
+    ctx = StepContext(config=config, spec=spec, rng=rng, spans=spans, steps=steps)
     for i in range(steps):
         region = canvas.x[:, s:e]
         masked = region == spec.mask_id
-        if config.strategy == "threshold" and i > 0 and not bool(masked.any()):
+        if strategy.stops_when_unmasked and i > 0 and not bool(masked.any()):
             break  # the block finished early: the only host sync of the step loop
         logits = forward(canvas.x, canvas.attn, block, refresh=i == 0)
-        if config.strategy == "llada":
-            # `random` remasking: each row's noise over its unpadded canvas, as the reference draws
-            draw = lambda: rng.uniform_slices(*zip(*spans), n, canvas.x.device)  # noqa: E731
-            x0, commit = llada_commit(logits, masked, counts[i], config, spec, rng, draw, spans)
-        elif config.strategy == "dream":
-            p = dream_transfer_probability(i, steps, config.eps) if config.alg == "origin" else None
-            x0, commit = dream_commit(logits, masked, counts[i], p, config, spec, rng, spans)
-        else:
-            x0, commit = threshold_commit(logits, masked, counts[i], config, spec, rng)
+        x0, commit = strategy.commit(logits, masked, counts[i], i, ctx)
         canvas.x[:, s:e] = torch.where(commit & masked, x0, region)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..memory.base import NoMemory
 from .forward import forward_step
 from .seeds import row_seeds, window_seed
+from .strategies import low_confidence
 
 
 def stratified_masks(target_len: int, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +233,7 @@ def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
             logits = forward_step(backbone, memory, x, attn, step=step, mask_ratio=ratio, cfg_scale=cfg_scale,
                                   uncond_mask=prompt, keep=(L - T_max, L), upcast=True)
             x0 = logits.argmax(-1)
-            conf = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
-            pos = conf.argmax(-1)
+            pos = low_confidence(logits, x0, masked).argmax(-1)  # the surest masked position
             live = masked.any(-1)
             x[rows[live], L - T_max + pos[live]] = x0[rows[live], pos[live]]
     return (x[:, L - T_max:] == clean[:, L - T_max:]).all(-1).tolist()

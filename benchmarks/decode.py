@@ -43,6 +43,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from lm_eval_dlmem.memory.base import MemoryWrapper
+
 MODEL = dict(vocab_size=32768, d_model=512, n_heads=8, n_kv_heads=8, n_layers=4, mlp_hidden_size=1536)
 QUICK_MODEL = dict(vocab_size=32768, d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256)
 # MetaState at the paper's parameter budget for this backbone (~0.4% of its parameters); the
@@ -118,17 +120,13 @@ class Stop(Exception):
     pass
 
 
-class Counter:
+class Counter(MemoryWrapper):
     """A memory that counts forwards (around a real one when given) and, with `limit`, stops the
     decode after that many forwards (modes whose blocks all cost the same are timed on a prefix)."""
 
     def __init__(self, inner=None, limit=None):
-        from lm_eval_dlmem.memory.base import NoMemory
-
-        self.inner, self.forwards, self.limit = inner or NoMemory(), 0, limit
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+        super().__init__(inner)
+        self.forwards, self.limit = 0, limit
 
     def before_forward(self, info):
         if self.forwards == self.limit:

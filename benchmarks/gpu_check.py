@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lm_eval_dlmem.memory.base import MemoryWrapper
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("llada", "dream", "llada_moe")
 
@@ -270,32 +272,19 @@ class StopDecoding(Exception):
     pass
 
 
-class StepLimit:
+class StepLimit(MemoryWrapper):
     """A `Memory` that counts the decoder's forwards around an inner memory and, with `limit`,
     stops the decode after that many (cache=none costs the same every step, so a prefix times it)."""
 
     def __init__(self, inner=None, limit: int | None = None):
-        from lm_eval_dlmem.memory.base import NoMemory
-
-        self.inner, self.limit, self.forwards = inner if inner is not None else NoMemory(), limit, 0
-
-    def begin(self, *args, **kwargs):
-        self.inner.begin(*args, **kwargs)
+        super().__init__(inner)
+        self.limit, self.forwards = limit, 0
 
     def before_forward(self, info):
         if self.limit is not None and self.forwards >= self.limit:
             raise StopDecoding
         self.forwards += 1
         self.inner.before_forward(info)
-
-    def after_forward(self, info):
-        self.inner.after_forward(info)
-
-    def select(self, rows):
-        self.inner.select(rows)
-
-    def end(self):
-        self.inner.end()
 
 
 def decode(ctx: Context, backbone, ids, config, memory=None, limit=None):

@@ -27,6 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lm_eval_dlmem.memory.base import MemoryWrapper
+
 WORDS = ("apple banana cherry table chair window river mountain forest ocean "
          "green blue yellow one two three four five six seven").split()
 KEYS = "ABCDEFGH"
@@ -87,15 +89,13 @@ def pretrain(ckpt: str, data: str, steps: int, out: str, batch_size: int = 16, l
     return path
 
 
-class NoCarry:
+class NoCarry(MemoryWrapper):
     """Ablation: the trained MetaState with its state reset to the learned initial slots after
     every forward, so nothing is carried between denoising steps (the Injector still writes)."""
 
     def __init__(self, metastate):
+        super().__init__(metastate)  # begin, before_forward, select, end: unchanged
         self.ms = metastate
-
-    def __getattr__(self, name):  # begin, before_forward, select, end: unchanged
-        return getattr(self.ms, name)
 
     def after_forward(self, info):
         self.ms.after_forward(info)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -30,6 +29,7 @@ from .devices import place
 from .memory.build import build_memory
 from .model_args import ModelArgs, decode_config, merge_harness_args
 from .run_cache import fingerprint, namespace_cache
+from .decoding.seeds import request_seed
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class DlmLM(TemplateLM):
         if repeat:
             parts = (*parts, {"repeat": int(repeat)})
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
-        return (self.args.seed * 1_000_003 + zlib.crc32(blob)) % (2**31 - 1)
+        return request_seed(self.args.seed, blob)
 
     def _fit_prompt(self, ids: list[int], budget: int) -> list[int]:
         if len(ids) <= budget:

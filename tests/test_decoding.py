@@ -363,3 +363,38 @@ def test_top_p_and_top_k_shape_the_llada_and_threshold_draws(strategy):
     assert not torch.equal(draw(), greedy)  # at temperature 1 the draw is not the argmax
     assert torch.equal(draw(top_k=1), greedy)
     assert torch.equal(draw(top_p=1e-6), greedy)
+
+
+def test_every_configured_strategy_is_a_registered_object_with_one_commit_signature():
+    """Kills: a strategy chosen by string inside the loop (a name accepted by DecodeConfig but
+    decoded by another branch), or a strategy whose commit takes its own argument list."""
+    import inspect
+
+    from lm_eval_dlmem.decoding import config as C
+    from lm_eval_dlmem.decoding.strategies import REGISTRY
+
+    assert set(C.STRATEGIES) == set(REGISTRY)
+    signatures = {str(inspect.signature(type(s).commit)) for s in REGISTRY.values()}
+    assert signatures == {"(self, logits, masked, k, step, ctx)"}
+
+    calls = []
+
+    class Spy:
+        stops_when_unmasked = False
+
+        def counts(self, n, steps, config):
+            return [1] * steps
+
+        def commit(self, logits, masked, k, step, ctx):
+            calls.append((step, k, tuple(logits.shape)))
+            return torch.full_like(masked, 4, dtype=torch.long), masked
+
+    bb = MockBackbone(lambda L: torch.zeros(L, V))
+    REGISTRY["spy"] = Spy()
+    try:
+        cfg = DecodeConfig(gen_length=4, steps=2, block_length=4)
+        cfg.strategy = "spy"  # bypass validation: the loop must consult only the registry
+        out = generate(bb, PROMPT, None, cfg)
+    finally:
+        del REGISTRY["spy"]
+    assert calls == [(0, 1, (1, 4, V)), (1, 1, (1, 4, V))] and out.tolist() == [[4, 4, 4, 4]]

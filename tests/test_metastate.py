@@ -148,8 +148,7 @@ def test_guidance_batch_and_hooks_removed_on_error(backbones):
     ms = trained_like(bb)
     ids, attn, prompt = canvas(bb)
     with pytest.raises(RuntimeError, match="boom"):
-        with ms:
-            ms.begin(bb, ids, attn, prompt)
+        with ms.session(bb, ids, attn, prompt):
             both = step(ms, bb, 0, torch.cat([ids, ids]), torch.cat([attn, attn]), 1.0)  # cond + uncond rows
             torch.testing.assert_close(both[:2], both[2:])
             raise RuntimeError("boom")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from lm_eval_dlmem.decoding.cache import BlockForward
+from lm_eval_dlmem.decoding.forward import BlockForward
 from lm_eval_dlmem.decoding.config import DecodeConfig
 from lm_eval_dlmem.decoding.engine import generate, left_pad
 from lm_eval_dlmem.decoding.likelihood import loglikelihood, loglikelihood_rolling

@@ -222,7 +222,7 @@ def test_our_forward_uses_no_deprecated_transformers_argument(tiny_ckpts, transf
     import torch
 
     from lm_eval_dlmem.backbones.loading import load_backbone
-    from lm_eval_dlmem.decoding.cache import DiffusionCache
+    from lm_eval_dlmem.backbones.common import DiffusionCache
 
     backbone = load_backbone(tiny_ckpts[family], device="cpu")
     ids = torch.randint(0, 40, (1, 8))

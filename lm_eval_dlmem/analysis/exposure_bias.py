@@ -24,6 +24,7 @@ import os
 
 import torch
 
+from ..decoding.seeds import row_seeds
 from ..training.data import collate, load_pairs, tokenize_pairs
 from ..training.nll import sequential_nll, static_nll
 
@@ -78,7 +79,7 @@ def analyse(backbone, batches, ratios, memory, seed: int) -> list[dict]:
     sums = {r: [0.0, 0.0, 0] for r in ratios}
     start = 0
     for batch in batches:
-        seeds = [seed + start + i for i in range(batch["input_ids"].shape[0])]
+        seeds = row_seeds(seed, batch["input_ids"].shape[0], offset=start)
         start += len(seeds)
         static = static_nll(backbone, batch, ratios, memory=memory, seeds=seeds)
         seq = sequential_nll(backbone, batch, ratios, memory=memory, seeds=seeds)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..checks import NON_NEGATIVE, POSITIVE, UNIT, Range
+from .strategies import REGISTRY
 
-STRATEGIES = ("llada", "dream", "threshold")
+STRATEGIES = tuple(REGISTRY)  # the names DecodeConfig.strategy accepts
 LLADA_REMASKING = ("low_confidence", "random")
 DREAM_ALGS = ("origin", "maskgit_plus", "topk_margin", "entropy")
 CACHE_MODES = ("none", "prefix", "dual")

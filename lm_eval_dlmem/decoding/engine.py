@@ -3,8 +3,8 @@
     canvas = [left-padded prompt | mask * gen_length]
     for each semi-autoregressive block [s, e):
         for each step (schedule of the strategy):
-            logits = forward(canvas, block)          # BlockForward: cache mode, CFG, memory hooks
-            tokens, commit = strategy(logits, ...)   # strategies.py
+            logits = forward(canvas, block)          # forward.py: cache window, CFG, memory step
+            tokens, commit = strategy.commit(logits, ...)   # strategies.py: REGISTRY[config.strategy]
             canvas[:, s:e] = where(commit, tokens, canvas[:, s:e])
         rows whose committed prefix holds EOS/EoT or a stop string are finished: they leave the
         batch, their remaining positions become EOS; the loop ends when no row is left.
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from ..memory.base import NoMemory
-from .cache import BlockForward
 from .config import DecodeConfig
-from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
-from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
+from .forward import BlockForward
+from .seeds import row_seeds
+from .strategies import REGISTRY, RowRandom, StepContext
 
 
 @dataclass
@@ -105,7 +105,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     out = torch.full((B, G), spec.eos_id, dtype=torch.long, device=device)
     if G == 0 or B == 0:
         return out
-    seeds = row_seeds(seeds, B, config.seed)
+    seeds = check_row_seeds(seeds, B, config.seed)
     canvas = Canvas.build(input_ids, attention_mask, G, spec.mask_id)
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()
@@ -113,8 +113,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     attn = canvas.attn if canvas.attn is not None else torch.ones_like(canvas.x)
     prompt_mask = torch.zeros_like(canvas.x, dtype=torch.bool)
     prompt_mask[:, :P] = attn[:, :P].bool()
-    memory.begin(backbone, canvas.x, attn, prompt_mask, seeds)
-    try:
+    with memory.session(backbone, canvas.x, attn, prompt_mask, seeds):
         for b in range(config.num_blocks):
             block = (P + b * n, P + (b + 1) * n)
             decode_block(canvas, rng, forward, config, spec, block)
@@ -133,8 +132,6 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
             canvas, rng = canvas.select(keep), rng.select(keep)
         else:
             out[torch.tensor(canvas.rows, device=device)] = canvas.x[:, P:]
-    finally:
-        memory.end()
     check_no_mask(out, spec.mask_id)
     return out
 
@@ -149,29 +146,19 @@ def decode_block(canvas: Canvas, rng: RowRandom, forward: BlockForward, config: 
                  spec, block: tuple[int, int]) -> None:
     """Run one block's steps, committing tokens into `canvas.x[:, s:e]` in place."""
     s, e = block
-    n = e - s
+    strategy = REGISTRY[config.strategy]
     steps = config.steps // config.num_blocks
-    if config.strategy == "dream":
-        counts = dream_transfer_counts(n, steps, config.eps)
-    else:
-        counts = llada_transfer_counts(n, steps)
+    counts = strategy.counts(e - s, steps, config)
     L = canvas.x.shape[1]
     spans = [(L - p, s - p) for p in canvas.pad]  # each row's unpadded canvas length, block start
+    ctx = StepContext(config=config, spec=spec, rng=rng, spans=spans, steps=steps)
     for i in range(steps):
         region = canvas.x[:, s:e]
         masked = region == spec.mask_id
-        if config.strategy == "threshold" and i > 0 and not bool(masked.any()):
+        if strategy.stops_when_unmasked and i > 0 and not bool(masked.any()):
             break  # the block finished early: the only host sync of the step loop
         logits = forward(canvas.x, canvas.attn, block, refresh=i == 0)
-        if config.strategy == "llada":
-            # `random` remasking: each row's noise over its unpadded canvas, as the reference draws
-            draw = lambda: rng.uniform_slices(*zip(*spans), n, canvas.x.device)  # noqa: E731
-            x0, commit = llada_commit(logits, masked, counts[i], config, spec, rng, draw, spans)
-        elif config.strategy == "dream":
-            p = dream_transfer_probability(i, steps, config.eps) if config.alg == "origin" else None
-            x0, commit = dream_commit(logits, masked, counts[i], p, config, spec, rng, spans)
-        else:
-            x0, commit = threshold_commit(logits, masked, counts[i], config, spec, rng)
+        x0, commit = strategy.commit(logits, masked, counts[i], i, ctx)
         canvas.x[:, s:e] = torch.where(commit & masked, x0, region)
 
 
@@ -189,9 +176,10 @@ def finished_rows(generated: torch.Tensor, stop_ids, stop_sequences, tokenizer) 
     return done
 
 
-def row_seeds(seeds, batch: int, base: int) -> list[int]:
+def check_row_seeds(seeds, batch: int, base: int) -> list[int]:
+    """The caller's per-row seeds, checked, or the defaults `base + i`."""
     if seeds is None:
-        return [base + i for i in range(batch)]
+        return row_seeds(base, batch)
     seeds = [int(s) for s in seeds]
     if len(seeds) != batch:
         raise ValueError(f"Got {len(seeds)} seeds for a batch of {batch} prompts; pass one per row.")

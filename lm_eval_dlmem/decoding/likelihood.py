@@ -21,12 +21,13 @@ length (T_max the longest in the forward), V vocabulary.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
-from ..memory.base import NoMemory, StepInfo
+from ..memory.base import NoMemory
+from .forward import forward_step
+from .seeds import row_seeds, window_seed
+from .strategies import low_confidence
 
 
 def stratified_masks(target_len: int, b: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,17 +52,6 @@ def draw_samples(target_len: int, mc_num: int, stratum: int, gen: torch.Generato
         masks.append(m)
         ratios.append(r)
     return torch.cat(masks), torch.cat(ratios)
-
-
-def guided_logits(backbone, ids, attn, prompt_mask, cfg_scale: float, keep):
-    """Logits [n, keep_len, V] in float32, with classifier-free guidance when cfg_scale > 0
-    (unconditional rows: the prompt replaced by the mask token)."""
-    if cfg_scale <= 0:
-        return backbone.logits(ids, attn, keep=keep).float()
-    uncond = ids.masked_fill(prompt_mask, backbone.spec.mask_id)
-    attn2 = None if attn is None else torch.cat([attn, attn])
-    cond, un = backbone.logits(torch.cat([ids, uncond]), attn2, keep=keep).float().chunk(2)
-    return un + (cfg_scale + 1) * (cond - un)
 
 
 def pack(requests, order, pad_id: int, fill_id: int | None = None):
@@ -123,21 +113,14 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
                                cfg_scale=cfg_scale, memory=memory)
         for i, ok in zip(longer, checked):
             greedy[i] = ok
-    with adapt_once(memory):
+    with memory.adapt_once():
         scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
                            lambda i: _advance(progress, 1), greedy)
     return [(s, g) for s, g in zip(scores, greedy)]
 
 
-def adapt_once(memory):
-    """The memory's scope for adapting each request once although its Monte Carlo rows span
-    several forwards (MemDLM's inner loop); a no-op for memories without per-request adaptation."""
-    scope = getattr(memory, "adapt_once", None)
-    return scope() if scope is not None else nullcontext()
-
-
 def _seeds(seeds, n: int) -> list[int]:
-    seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
+    seeds = row_seeds(0, n) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != n:
         raise ValueError(f"Got {len(seeds)} seeds for {n} requests; pass one per request.")
     return seeds
@@ -193,13 +176,11 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
     masked = (noisy == mask_id)[:, L - T_max:]
     attn_d = None if attn is None else attn.to(device)
     prompt = prompt.to(device)
-    _begin(memory, backbone, requests, reqs, attn_d, prompt, [seeds[r] for r in reqs])
-    try:
+    with _session(memory, backbone, requests, reqs, attn_d, prompt, [seeds[r] for r in reqs]):
         memory.select(layout)
-        logits = _step(backbone, memory, 0, noisy, None if attn_d is None else attn_d[layout], prompt[layout],
-                       ratio, cfg_scale, (L - T_max, L))
-    finally:
-        memory.end()
+        logits = forward_step(backbone, memory, noisy, None if attn_d is None else attn_d[layout], step=0,
+                              mask_ratio=ratio, cfg_scale=cfg_scale, uncond_mask=prompt[layout],
+                              keep=(L - T_max, L), upcast=True)
     ce = F.cross_entropy(logits[masked], clean[masked], reduction="none")
     per_row = torch.zeros(len(rows), device=device).index_add_(0, masked.nonzero()[:, 0], ce) / ratio
     per_row = per_row * torch.stack([row[3] for row in rows]).to(device)
@@ -213,20 +194,11 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
             on_done(r)
 
 
-def _begin(memory, backbone, requests, reqs, attn, prompt, seeds):
-    """Begin the memory on the requests' prompts with their continuations masked (it must not
-    see the tokens being scored). attn [R, L] or None, prompt [R, L]."""
+def _session(memory, backbone, requests, reqs, attn, prompt, seeds):
+    """The memory's session on the requests' prompts with their continuations masked (it must
+    not see the tokens being scored). attn [R, L] or None, prompt [R, L]."""
     begun = pack(requests, reqs, backbone.spec.eos_id, fill_id=backbone.spec.mask_id)[0].to(prompt.device)
-    memory.begin(backbone, begun, attn if attn is not None else torch.ones_like(begun), prompt, seeds)
-
-
-def _step(backbone, memory, step, ids, attn, prompt, ratio, cfg_scale, keep):
-    """One guided forward of rows ids [n, L] inside the memory hooks -> logits [n, keep_len, V]."""
-    info = StepInfo(step=step, mask_ratio=ratio, window=(0, ids.shape[1]), input_ids=ids, full=True)
-    memory.before_forward(info)
-    logits = guided_logits(backbone, ids, attn, prompt, cfg_scale, keep)
-    memory.after_forward(info)
-    return logits
+    return memory.session(backbone, begun, attn if attn is not None else torch.ones_like(begun), prompt, seeds)
 
 
 @torch.no_grad()
@@ -254,19 +226,16 @@ def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
     L, T = x.shape[1], torch.tensor([len(requests[i][1]) for i in chunk], device=device)
     T_max = int(T.max())
     rows = torch.arange(len(chunk), device=device)
-    _begin(memory, backbone, requests, chunk, attn, prompt, None)
-    try:
+    with _session(memory, backbone, requests, chunk, attn, prompt, None):
         for step in range(T_max):  # one commit per step; shorter continuations finish early
             masked = (x == mask_id)[:, L - T_max:]
             ratio = masked.sum(-1).float() / T
-            logits = _step(backbone, memory, step, x, attn, prompt, ratio, cfg_scale, (L - T_max, L))
+            logits = forward_step(backbone, memory, x, attn, step=step, mask_ratio=ratio, cfg_scale=cfg_scale,
+                                  uncond_mask=prompt, keep=(L - T_max, L), upcast=True)
             x0 = logits.argmax(-1)
-            conf = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1).masked_fill(~masked, -1.0)
-            pos = conf.argmax(-1)
+            pos = low_confidence(logits, x0, masked).argmax(-1)  # the surest masked position
             live = masked.any(-1)
             x[rows[live], L - T_max + pos[live]] = x0[rows[live], pos[live]]
-    finally:
-        memory.end()
     return (x[:, L - T_max:] == clean[:, L - T_max:]).all(-1).tolist()
 
 
@@ -301,7 +270,7 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
         for w, window in enumerate(map(make_disjoint_window, windows)):
             pairs.append(window)
             owner.append(i)
-            pair_seeds.append(seeds[i] * 10_007 + w)
+            pair_seeds.append(window_seed(seeds[i], w))
     left = [owner.count(i) for i in range(len(token_lists))]
     for i, n in enumerate(left):
         if n == 0:
@@ -313,7 +282,7 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
             _advance(progress, 1)
 
     memory = memory if memory is not None else NoMemory()
-    with adapt_once(memory):
+    with memory.adapt_once():
         scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, cfg_scale, memory, window_done)
     totals = [0.0] * len(token_lists)
     for i, s in zip(owner, scores):

@@ -1,8 +1,11 @@
 """Which masked positions of the active block to commit at one step, and with which tokens.
 
-Every strategy is a small function of the block's logits `[B, n, V]` (n = block length, logits[:, j]
-predicts block position j) and the block's mask `[B, n]` (True where still masked), returning
-`(tokens [B, n], commit [B, n] bool)`; the loop writes `tokens` where `commit` is set.
+A strategy is an object of the `Strategy` protocol, registered by name in `REGISTRY` (the names
+`DecodeConfig.strategy` accepts): `counts` gives a block's per-step commit counts, and `commit` maps
+the block's logits `[B, n, V]` (n = block length, logits[:, j] predicts block position j), its
+mask `[B, n]` (True where still masked), the step's count k and a `StepContext` to
+`(tokens [B, n], commit [B, n] bool)`; the loop writes `tokens` where `commit` is set. Adding a
+strategy is one class and one entry in `REGISTRY`.
 
 - `llada_commit`: ML-GSAI/LLaDA `generate()`: Gumbel-max in float64, confidence = probability of
   the chosen token (`low_confidence`) or uniform noise (`random`), top-k with the schedule's k.
@@ -18,10 +21,13 @@ not depend on which other rows share its batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 import torch.nn.functional as F
 
-from .config import DecodeConfig
+from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
 
 
 class RowRandom:
@@ -135,6 +141,13 @@ def suppress(logits: torch.Tensor, token_ids) -> torch.Tensor:
     return logits
 
 
+def low_confidence(logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """LLaDA's low-confidence score [B, n]: softmax probability of each position's chosen token
+    (in the logits' dtype), -inf where the position is no longer masked (never chosen)."""
+    confidence = F.softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+    return confidence.masked_fill(~masked, -torch.inf)
+
+
 def eos_eot_confidence_logits(logits: torch.Tensor, spec, temperature: float) -> torch.Tensor:
     """The logits LLaDA's `confidence_eos_eot_inf=True` actually feeds its softmax.
 
@@ -147,7 +160,7 @@ def eos_eot_confidence_logits(logits: torch.Tensor, spec, temperature: float) ->
     return suppress(logits.clone(), ids)
 
 
-def llada_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: RowRandom,
+def llada_commit(logits, masked, k: int, config, spec, rng: RowRandom,
                  draw_uniform=None, spans=None):
     """One step of LLaDA's sampler on the active block.
 
@@ -171,10 +184,9 @@ def llada_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: RowRan
         conf_logits = logits
         if config.confidence_eos_eot_inf:
             conf_logits = eos_eot_confidence_logits(logits, spec, config.temperature)
-        confidence = F.softmax(conf_logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+        confidence = low_confidence(conf_logits, x0, masked)
     else:
-        confidence = draw_uniform()
-    confidence = confidence.masked_fill(~masked, -torch.inf)
+        confidence = draw_uniform().masked_fill(~masked, -torch.inf)
     return x0, topk_mask(confidence, k, spans)
 
 
@@ -188,7 +200,7 @@ def filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), torch.finfo(logits.dtype).min)
 
 
-def nucleus(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+def nucleus(logits: torch.Tensor, config) -> torch.Tensor:
     """The logits a temperature draw samples from, after the task's (or model args') `top_p` /
     `top_k`. The official LLaDA `generate()` has neither, so with both unset this is the
     identity; at temperature 0 the argmax always survives the filters, so greedy decoding is
@@ -207,7 +219,7 @@ def filter_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
 
 
-def dream_sample(logits, config: DecodeConfig, rng: RowRandom, mask_id: int):
+def dream_sample(logits, config, rng: RowRandom, mask_id: int):
     """Dream's token sampling: temperature, top_p, top_k, softmax, then a categorical draw (or
     the argmax at temperature 0), never the mask token. Returns probs [B, n, V], tokens [B, n],
     p(token) [B, n]."""
@@ -237,7 +249,7 @@ def dream_confidence(probs, top, alg: str) -> torch.Tensor:
     raise ValueError(f"alg={alg!r} has no confidence; use maskgit_plus, topk_margin or entropy.")
 
 
-def dream_commit(logits, masked, k: int, p_transfer, config: DecodeConfig, spec, rng: RowRandom,
+def dream_commit(logits, masked, k: int, p_transfer, config, spec, rng: RowRandom,
                  spans=None):
     """One step of Dream's sampler on the active block.
 
@@ -270,7 +282,7 @@ def dream_commit(logits, masked, k: int, p_transfer, config: DecodeConfig, spec,
     return x0, torch.zeros_like(masked).scatter_(-1, chosen, True)
 
 
-def threshold_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: RowRandom):
+def threshold_commit(logits, masked, k: int, config, spec, rng: RowRandom):
     """Fast-dLLM confidence-threshold parallel decoding on the active block.
 
     Commits every masked position whose confidence (probability of its chosen token, float32)
@@ -292,8 +304,83 @@ def threshold_commit(logits, masked, k: int, config: DecodeConfig, spec, rng: Ro
     conf_logits = logits.float()
     if config.confidence_eos_eot_inf:
         conf_logits = eos_eot_confidence_logits(conf_logits, spec, config.temperature)
-    confidence = F.softmax(conf_logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
-    confidence = confidence.masked_fill(~masked, -torch.inf)
+    confidence = low_confidence(conf_logits, x0, masked)
     n_masked = masked.sum(-1)
     counts = (confidence >= config.threshold).sum(-1).clamp_min(max(k, 1)).minimum(n_masked)
     return x0, rank_mask(confidence, counts)
+
+
+@dataclass
+class StepContext:
+    """What a commit sees besides the logits, fixed for one block.
+
+    Attributes:
+        config: the `DecodeConfig`.
+        spec: the family's ids (`mask_id`, `eos_id`, `eot_id`).
+        rng: the rows' generators.
+        spans: per row (unpadded canvas length, block start) for reference tie-breaking.
+        steps: the block's step count.
+    """
+
+    config: object
+    spec: object
+    rng: RowRandom
+    spans: list[tuple[int, int]]
+    steps: int
+
+
+class Strategy(Protocol):
+    """How a block is decoded: `counts` per step, then one `commit` per step.
+    `stops_when_unmasked`: the loop skips a block's remaining steps once nothing is masked."""
+
+    stops_when_unmasked: bool
+
+    def counts(self, n: int, steps: int, config) -> list[int]: ...
+
+    def commit(self, logits, masked, k: int, step: int, ctx: StepContext): ...
+
+
+class LLaDAStrategy:
+    """ML-GSAI/LLaDA: the linear schedule's count, low-confidence or random remasking."""
+
+    stops_when_unmasked = False
+
+    def counts(self, n, steps, config):
+        return llada_transfer_counts(n, steps)
+
+    def commit(self, logits, masked, k, step, ctx):
+        # `random` remasking: each row's noise over its unpadded canvas, as the reference draws
+        draw = lambda: ctx.rng.uniform_slices(*zip(*ctx.spans), masked.shape[1], masked.device)  # noqa: E731
+        return llada_commit(logits, masked, k, ctx.config, ctx.spec, ctx.rng, draw, ctx.spans)
+
+
+class DreamStrategy:
+    """HKUNLP/Dream: its float32 schedule, `origin` coins or confidence top-k."""
+
+    stops_when_unmasked = False
+
+    def counts(self, n, steps, config):
+        return dream_transfer_counts(n, steps, config.eps)
+
+    def commit(self, logits, masked, k, step, ctx):
+        p = dream_transfer_probability(step, ctx.steps, ctx.config.eps) if ctx.config.alg == "origin" else None
+        return dream_commit(logits, masked, k, p, ctx.config, ctx.spec, ctx.rng, ctx.spans)
+
+
+class ThresholdStrategy:
+    """Fast-dLLM: everything above the threshold, at least the LLaDA schedule's count."""
+
+    stops_when_unmasked = True
+
+    def counts(self, n, steps, config):
+        return llada_transfer_counts(n, steps)
+
+    def commit(self, logits, masked, k, step, ctx):
+        return threshold_commit(logits, masked, k, ctx.config, ctx.spec, ctx.rng)
+
+
+REGISTRY: dict[str, Strategy] = {
+    "llada": LLaDAStrategy(),
+    "dream": DreamStrategy(),
+    "threshold": ThresholdStrategy(),
+}

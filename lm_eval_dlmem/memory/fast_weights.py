@@ -15,10 +15,11 @@ the outer LoRA sits on top, as in the released code. Wrappers keep the original 
 them puts the original objects back. Experts see a gathered subset of tokens; the backbone's
 `EXPERT_TOKENS` context variable tells their wrappers each token's row.
 
-Inner loop (`begin`): per row, an anchor mask draws each prompt token with p = inner_mask_ratio;
-the pre-anchor adds random extra masks up to `pre_anchor_scale` times as many (nested); stage k
-denoises state k to the clean prompt (pre-anchor first, anchor last), plain SGD with each fast
-tensor's gradient clipped per row to norm `inner_grad_clip`, token-normalised cross-entropy.
+Inner loop (`begin`, on entering `session`): per row, an anchor mask draws each prompt token with
+p = inner_mask_ratio; the pre-anchor adds random extra masks up to `pre_anchor_scale` times as many
+(nested); stage k denoises state k to the clean prompt (pre-anchor first, anchor last), plain SGD
+with each fast tensor's gradient clipped per row to norm `inner_grad_clip`, token-normalised
+cross-entropy.
 Only the fast layers need gradients: the blocks before them run under no_grad once per stage and
 the boundary hidden state is detached. With an outer adapter its LoRA dropout is active during
 the inner loop (`inner_adapter_dropout`), as in the released evaluator, which adapts in train() mode.
@@ -39,6 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..backbones.common import default_positions, key_padding_mask
 from ..backbones.llada_moe import EXPERT_TOKENS
+from ..decoding.seeds import memory_seed
 from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
 from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
@@ -228,8 +230,6 @@ class FastWeightMemory(Memory):
     exactly the frozen (or adapter-only) backbone. Training drives `install`/`reset`/`adapt`.
     """
 
-    name = "memdlm"
-
     def __init__(self, backbone, config: MemDLMConfig):
         self.backbone = backbone
         self.config = config
@@ -304,7 +304,7 @@ class FastWeightMemory(Memory):
             if not self.config.inner_adapter_dropout:
                 self.adapt(ids, attn, states, maskable)
                 return
-            row_seeds = [(self.config.seed * 1_000_003 + int(s)) % 2**63 for s in seeds]
+            row_seeds = [memory_seed(self.config.seed, s) for s in seeds]
             first = attn.argmax(1) if attn.shape[1] else torch.zeros(B, dtype=torch.long, device=ids.device)
             with seeded_adapter_dropout(self.backbone.model, row_seeds, first) as self._dropout:
                 try:
@@ -359,7 +359,7 @@ class FastWeightMemory(Memory):
             layer.fast_B = torch.zeros(len(generators), layer.out_features, r, device=device, dtype=dtype)
 
     def _generator(self, seed: int, device) -> torch.Generator:
-        return torch.Generator(device=device).manual_seed((self.config.seed * 1_000_003 + int(seed)) % 2**63)
+        return torch.Generator(device=device).manual_seed(memory_seed(self.config.seed, seed))
 
     # ---- the inner loop -----------------------------------------------------------------------
     def adapt(self, x0, attention_mask, states: list[torch.Tensor], maskable: torch.Tensor) -> list[torch.Tensor]:

@@ -197,11 +197,10 @@ class MetaState(Memory, nn.Module):
     """The MetaState memory for one backbone shape (family, hidden size, layer count).
 
     Use `init_for(backbone)` for a fresh one, `from_pretrained(dir)` for a trained one. As a
-    `Memory` it is driven by the decoder (begin / before_forward / after_forward / select / end);
-    as an `nn.Module` it holds only the trainable MetaState parameters, never the backbone's.
+    `Memory` it is driven through `session` / `step` (which call begin / before_forward /
+    after_forward / end) and `select`; as an `nn.Module` it holds only the trainable MetaState
+    parameters, never the backbone's.
     """
-
-    name = "metastate"
 
     def __init__(self, config: MetaStateConfig, hidden_size: int, num_layers: int, family: str | None = None):
         nn.Module.__init__(self)
@@ -274,7 +273,6 @@ class MetaState(Memory, nn.Module):
             raise ValueError(f"{path} holds format={meta.get('format')!r}, not a MetaState checkpoint ({FORMAT}).")
         module = cls(MetaStateConfig(**meta["module"]), meta["hidden_size"], meta["num_hidden_layers"], meta.get("family"))
         module.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)), strict=True)
-        module.source = path
         if backbone is not None:
             module.check_fits(backbone)
             module.to(backbone.device)

@@ -32,6 +32,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from ..decoding.seeds import RANK_STRIDE, step_seed
 from ..memory.anchor import anchor_states
 from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
@@ -174,7 +175,7 @@ def epoch_batches(examples, batch_size: int, seed: int, epoch: int, rank: int, w
 
 def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     """Masks and fast weights of a micro-batch depend only on (seed, step, rank): resumable."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7919 + rank)
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, rank, RANK_STRIDE))
 
 
 def child_generator(gen: torch.Generator) -> torch.Generator:
@@ -305,7 +306,7 @@ class Run:
         for k in range(args.grad_accum):
             m = self.step * args.grad_accum + k
             gen = step_generator(args.seed, m, self.rank, self.acc.device)
-            torch.manual_seed(args.seed * 1_000_003 + m * 7919 + self.rank)  # LoRA dropout: resumable too
+            torch.manual_seed(step_seed(args.seed, m, self.rank, RANK_STRIDE))  # LoRA dropout: resumable too
             with self.acc.accumulate(self.model):
                 loss, stages = train_step(self.model, self.backbone, self.memory, self.micro_batch(m), args, gen)
                 self.acc.backward(loss)

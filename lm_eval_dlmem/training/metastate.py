@@ -30,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..memory.base import NoMemory, StepInfo
 from .common import cosine_schedule, find_resume
+from ..decoding.seeds import step_seed
+from ..decoding.forward import forward_step
+from ..memory.base import NoMemory
 from .state import load_trainer_state
 
 
@@ -96,14 +98,10 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
     x = torch.where(masked, backbone.spec.mask_id, x0)
     a = int(resp.float().argmax(1).min())  # logits only from the earliest response position
     losses = []
-    memory.begin(backbone, x, attn, batch["prompt_mask"])
-    try:
+    with memory.session(backbone, x, attn, batch["prompt_mask"]):
         for k in range(K):
             ratio = masked.sum(1) / resp_len.clamp_min(1)
-            info = StepInfo(step=k, mask_ratio=ratio, window=(0, L), input_ids=x, full=True)
-            memory.before_forward(info)
-            logits = backbone.logits(x, attn, keep=(a, L))  # [B, L - a, V]
-            memory.after_forward(info)
+            logits = forward_step(backbone, memory, x, attn, step=k, mask_ratio=ratio, keep=(a, L))  # [B, L - a, V]
             m = masked[:, a:]
             if m.any():
                 losses.append(F.cross_entropy(logits[m].float(), x0[:, a:][m]))
@@ -113,8 +111,6 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
                 commit = F.pad(first_k(conf, m, n), (a, 0), value=False)
                 x = torch.where(commit, F.pad(pred, (a, 0)), x)
                 masked = masked & ~commit
-    finally:
-        memory.end()
     per_step = torch.stack(losses) if losses else x0.new_zeros(1, dtype=torch.float32, requires_grad=True)
     return per_step.sum(), per_step
 
@@ -319,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in range(args.grad_accum):
             i = step * args.grad_accum + a
             with acc.accumulate(model):
-                loss, _ = model(batches[i], seed=args.seed * 1_000_003 + i * acc.num_processes + acc.process_index)
+                loss, _ = model(batches[i], seed=step_seed(args.seed, i, acc.process_index, acc.num_processes))
                 acc.backward(loss)
                 total += loss.item() / args.grad_accum
                 if acc.sync_gradients and args.grad_clip > 0:

@@ -14,10 +14,12 @@ Shapes: B rows, L tokens, V vocab.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
+
+from ..decoding.forward import forward_step
+from ..decoding.seeds import ratio_seed, row_seeds
+from ..memory.base import NoMemory
 
 
 def response_mask(batch: dict) -> torch.Tensor:
@@ -44,21 +46,22 @@ def masked_nll(logits: torch.Tensor, targets: torch.Tensor, masked: torch.Tensor
     return (nll * masked).sum(1) / masked.sum(1)
 
 
-@contextmanager
-def adapted(backbone, batch: dict, memory, seeds: list[int]):
-    """Run the memory's inner loop on each row's prompt for the duration of the block."""
-    if memory is None:
-        yield
-        return
-    memory.begin(backbone, batch["input_ids"], batch["attention_mask"], batch["prompt_mask"], seeds)
-    try:
-        yield
-    finally:
-        memory.end()
+def session(backbone, batch: dict, memory, seeds: list[int]):
+    """The memory's session on the batch (MemDLM: its inner loop on each row's prompt)."""
+    memory = memory if memory is not None else NoMemory()
+    return memory.session(backbone, batch["input_ids"], batch["attention_mask"], batch["prompt_mask"], seeds)
+
+
+def forward(backbone, memory, canvas, attn, masked, maskable, step: int) -> torch.Tensor:
+    """The guided forward step on `canvas` [B, L] -> logits [B, L, V]; the memory's time signal
+    is each row's masked share of its response."""
+    ratio = masked.sum(1).float() / maskable.sum(1).clamp_min(1).float()
+    return forward_step(backbone, memory if memory is not None else NoMemory(), canvas, attn, step=step,
+                        mask_ratio=ratio)
 
 
 def _seeds(batch: dict, seed: int, seeds: list[int] | None) -> list[int]:
-    return list(seeds) if seeds is not None else [seed + i for i in range(batch["input_ids"].shape[0])]
+    return list(seeds) if seeds is not None else row_seeds(seed, batch["input_ids"].shape[0])
 
 
 @torch.no_grad()
@@ -76,10 +79,11 @@ def static_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0, see
     ids, attn = batch["input_ids"], batch["attention_mask"]
     maskable = response_mask(batch)
     out = {}
-    with adapted(backbone, batch, memory, seeds):
+    with session(backbone, batch, memory, seeds):
         for j, ratio in enumerate(ratios):
-            masked = static_masks(maskable, ratio, [s * 1009 + j for s in seeds])
-            logits = backbone.logits(torch.where(masked, backbone.spec.mask_id, ids), attn)
+            masked = static_masks(maskable, ratio, [ratio_seed(s, j) for s in seeds])
+            logits = forward(backbone, memory, torch.where(masked, backbone.spec.mask_id, ids), attn, masked,
+                             maskable, j)
             out[ratio] = masked_nll(logits, ids, masked)
     return out
 
@@ -96,12 +100,12 @@ def sequential_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0,
     canvas = torch.where(maskable, backbone.spec.mask_id, ids)
     ratios = sorted(ratios, reverse=True)
     out = {}
-    with adapted(backbone, batch, memory, seeds):
+    with session(backbone, batch, memory, seeds):
         for k, ratio in enumerate(ratios):
             masked = (canvas == backbone.spec.mask_id) & maskable
             if not masked.any():
                 break
-            logits = backbone.logits(canvas, attn)
+            logits = forward(backbone, memory, canvas, attn, masked, maskable, k)
             out[ratio] = masked_nll(logits, ids, masked)
             if k + 1 < len(ratios):
                 canvas = _commit(canvas, logits, masked, n, ratios[k + 1])

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .common import cosine_schedule, find_resume
+from ..decoding.seeds import step_seed
 from .state import load_trainer_state
 
 MODES = ("pretrain", "sft", "mixed")
@@ -325,7 +326,7 @@ def setup(args):
 
 def train_step(model, optimizer, scheduler, batch, cfg, mask_id, step, args, forward=None) -> float:
     """One optimizer step; `forward` is the (possibly compiled) callable running `model`."""
-    generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+    generator = torch.Generator().manual_seed(step_seed(args.seed, step))
     loss, _ = mdlm_loss(model if forward is None else forward, batch, cfg, mask_id, generator)
     loss.backward()
     if args.grad_clip > 0:

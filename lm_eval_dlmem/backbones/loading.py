@@ -25,17 +25,8 @@ DTYPES = {
 
 
 def model_class(family: str):
-    if family == "llada":
-        from .llada import LLaDAModelLM
-        return LLaDAModelLM
-    if family == "dream":
-        from .dream import DreamModel
-        return DreamModel
-    if family == "llada_moe":
-        from .llada_moe import LLaDAMoEModelLM
-        return LLaDAMoEModelLM
-    get_spec(family)  # raises with the list of families
-    raise AssertionError(family)
+    """The family's model class (`FamilySpec.model_class`); an unknown family names the valid ones."""
+    return get_spec(family).load_class()
 
 
 def detect_family(config: dict) -> str:

@@ -44,8 +44,6 @@ from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
 from .base import Memory
 
-FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
-LLADA_FFN_NAMES = ("ff_proj", "up_proj", "ff_out")  # LLaDA-8B blocks hold the FFN directly
 LOSS_WEIGHTS = ("uniform", "scheduler")
 RELEASED_NAMES = ("gate_proj", "up_proj", "down_proj")  # the released mem_inner_target_modules
 
@@ -172,20 +170,21 @@ def ffn_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, boo
     """(parent module, attribute, is inside an expert) for every FFN projection of the last
     `fraction` of the blocks, in a fixed order (the order fast weights are drawn in)."""
     layers = backbone.layers
+    names = backbone.spec.ffn_names
     first = max(0, int(len(layers) * (1.0 - fraction)))
     found = []
     for layer in list(layers)[first:]:
         mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, nn.Module):
-            groups = [(layer, LLADA_FFN_NAMES, False)]
+        if not isinstance(mlp, nn.Module):  # the block holds the FFN itself (LLaDA-8B)
+            groups = [(layer, False)]
         elif hasattr(mlp, "experts"):
-            groups = [(expert, FFN_NAMES, True) for expert in mlp.experts]
+            groups = [(expert, True) for expert in mlp.experts]
         else:
-            groups = [(mlp, FFN_NAMES, False)]
+            groups = [(mlp, False)]
         shared = getattr(layer, "shared_expert", None)
         if shared is not None:
-            groups.append((shared, FFN_NAMES, False))
-        found += [(parent, name, expert) for parent, names, expert in groups for name in names if hasattr(parent, name)]
+            groups.append((shared, False))
+        found += [(parent, name, expert) for parent, expert in groups for name in names if hasattr(parent, name)]
     if not found:
         raise ValueError("No FFN projections found in the last layers; this backbone layout is not supported.")
     return found

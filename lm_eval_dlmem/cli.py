@@ -63,12 +63,12 @@ def cmd_make_tiny(argv: list[str]) -> int:
                    help="hidden size: a multiple of 2 x the attention heads (4), e.g. 64")
     p.add_argument("--layers", type=_positive_int, default=None, help="number of layers")
     args = p.parse_args(argv)
-    from .testing import TINY_SIZES, check_tiny_sizes, make_tiny_checkpoint
+    from .testing import check_tiny_sizes, make_tiny_checkpoint
 
     keys = get_spec(args.family).size_keys
     flags = {keys.hidden: args.hidden, keys.layers: args.layers}
     sizes = {key: value for key, value in flags.items() if value is not None}
-    check_tiny_sizes(args.family, {**TINY_SIZES[args.family], **sizes},
+    check_tiny_sizes(args.family, {**get_spec(args.family).tiny_sizes, **sizes},
                      labels={keys.hidden: "--hidden", keys.layers: "--layers"})
     print(make_tiny_checkpoint(args.family, args.path, seed=args.seed, vocab_size=args.vocab_size, **sizes))
     return 0

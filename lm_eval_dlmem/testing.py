@@ -28,7 +28,7 @@ apple banana cherry table chair window river mountain forest ocean people person
 first second third fourth fifth zero one two three four five six seven eight nine ten
 """
 
-# The tiny sizes of each family (its `FamilySpec.tiny_sizes`), by family name.
+# The tiny sizes of the built-in families by name (benchmarks read it; code reads `FamilySpec.tiny_sizes`).
 TINY_SIZES = {name: dict(spec.tiny_sizes) for name, spec in FAMILIES.items()}
 
 
@@ -128,7 +128,7 @@ def make_tiny_checkpoint(
             `hidden_size=128` for Dream/MoE, `n_layers` / `num_hidden_layers`).
     """
     spec = get_spec(family)
-    check_tiny_sizes(family, {**TINY_SIZES[family], **sizes})
+    check_tiny_sizes(family, {**spec.tiny_sizes, **sizes})
     if vocab_size is not None and vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size} must be a positive integer (or None for the tokenizer's size).")
     path = os.fspath(path)

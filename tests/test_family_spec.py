@@ -11,6 +11,8 @@ import pytest
 from lm_eval_dlmem.backbones import loading
 from lm_eval_dlmem.backbones.llada import LLaDAModelLM
 from lm_eval_dlmem.backbones.spec import DREAM, FAMILIES, LLADA, LLADA_MOE
+from lm_eval_dlmem.cli import cmd_make_tiny
+from lm_eval_dlmem.testing import make_tiny_checkpoint
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "lm_eval_dlmem"
 
@@ -25,9 +27,6 @@ def new_family(monkeypatch):
 
 
 def test_a_new_family_is_built_and_written_from_its_spec_alone(new_family, tmp_path):
-    from lm_eval_dlmem.cli import cmd_make_tiny
-    from lm_eval_dlmem.testing import make_tiny_checkpoint
-
     assert loading.model_class("llada_x") is LLaDAModelLM
     path = make_tiny_checkpoint("llada_x", tmp_path / "x")
     model = LLaDAModelLM.from_pretrained(path)

@@ -37,7 +37,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones.common import default_positions, key_padding_mask
 from ..backbones.llada_moe import EXPERT_TOKENS
 from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
 from .adapters import seeded_adapter_dropout
@@ -405,15 +404,13 @@ class FastWeightMemory(Memory):
 
     def stage_loss(self, x0, attention_mask, masked, maskable) -> torch.Tensor:
         """Token-normalised masked cross-entropy of each fast-weight set, [S]."""
-        spec = self.backbone.spec
-        model = self.backbone.base_model
+        backbone = self.backbone
         S = self.layers[0].fast_A.shape[0]
-        hidden = self.hidden(torch.where(masked, spec.mask_id, x0), attention_mask)
+        hidden = self.hidden(torch.where(masked, backbone.spec.mask_id, x0), attention_mask)
         rows, cols = masked.nonzero(as_tuple=True)
-        # Dream: hidden i-1 predicts token i; a row's first token uses its own (as unpadded).
         first = attention_mask.argmax(1)[rows] if attention_mask is not None else torch.zeros_like(cols)
-        src = torch.maximum(cols - int(spec.logit_shift), first)
-        nll = chunked_nll(model._head, hidden[rows, src], x0[rows, cols])
+        src = backbone.source_positions(cols, first)
+        nll = chunked_nll(backbone.head, hidden[rows, src], x0[rows, cols])
         if self.config.loss_weight == "scheduler":  # 1/t with t the row's current mask ratio
             t = masked.sum(1).float() / maskable.sum(1).clamp_min(1).float()
             nll = nll / t.clamp_min(1e-3)[rows]
@@ -424,23 +421,12 @@ class FastWeightMemory(Memory):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
         """Final-norm hidden states [B, L, C]; gradients flow only through the fast blocks."""
-        model = self.backbone.base_model
-        blocks = list(model._blocks())
-        L = input_ids.shape[1]
+        backbone = self.backbone
         with torch.no_grad():
-            x = model._embed(input_ids)
-            pos = default_positions(attention_mask, 0, L, model.position_ids_from_mask, x.device)
-            cos, sin = model.rotary(pos)
-            key_mask = key_padding_mask(attention_mask)
-            for block in blocks[: self.first_layer]:
-                x = block(x, cos, sin, key_mask, None, 0)
-        x = x.detach()
-        for block in blocks[self.first_layer:]:
-            if self.config.checkpointing:
-                x = checkpoint(block, x, cos, sin, key_mask, None, 0, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, key_mask, None, 0)
-        return model._final_norm(x)
+            x = backbone.hidden_states(input_ids, attention_mask, end_layer=self.first_layer)
+        x = backbone.hidden_states(None, attention_mask, start_layer=self.first_layer, hidden=x.detach(),
+                                   checkpoint=self.config.checkpointing)
+        return backbone.final_norm(x)
 
     def _prompt_inputs(self, input_ids, attention_mask, prompt_mask):
         """The prompt part of a canvas: ids/attention [B, P] and the maskable prompt tokens."""

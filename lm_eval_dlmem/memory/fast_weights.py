@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..backbones.llada_moe import EXPERT_TOKENS
-from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
+from ..backbones.adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
 from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
 from .base import Memory

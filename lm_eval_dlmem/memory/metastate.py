@@ -274,7 +274,6 @@ class MetaState(Memory, nn.Module):
             raise ValueError(f"{path} holds format={meta.get('format')!r}, not a MetaState checkpoint ({FORMAT}).")
         module = cls(MetaStateConfig(**meta["module"]), meta["hidden_size"], meta["num_hidden_layers"], meta.get("family"))
         module.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)), strict=True)
-        module.source = path
         if backbone is not None:
             module.check_fits(backbone)
             module.to(backbone.device)

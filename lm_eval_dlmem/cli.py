@@ -53,7 +53,9 @@ def _positive_int(text: str) -> int:
 
 def cmd_make_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem make-tiny", description="Write a tiny checkpoint in the official format.")
-    p.add_argument("family", choices=["llada", "dream", "llada_moe"], help="backbone family")
+    from .backbones.spec import FAMILIES, get_spec
+
+    p.add_argument("family", choices=list(FAMILIES), help="backbone family")
     p.add_argument("path", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--vocab-size", type=_positive_int, default=None, help="model vocabulary (tokenizer padded to match)")
@@ -61,13 +63,12 @@ def cmd_make_tiny(argv: list[str]) -> int:
                    help="hidden size: a multiple of 2 x the attention heads (4), e.g. 64")
     p.add_argument("--layers", type=_positive_int, default=None, help="number of layers")
     args = p.parse_args(argv)
-    from .backbones.spec import get_spec
-    from .testing import TINY_SIZES, check_tiny_sizes, make_tiny_checkpoint
+    from .testing import check_tiny_sizes, make_tiny_checkpoint
 
     keys = get_spec(args.family).size_keys
     flags = {keys.hidden: args.hidden, keys.layers: args.layers}
     sizes = {key: value for key, value in flags.items() if value is not None}
-    check_tiny_sizes(args.family, {**TINY_SIZES[args.family], **sizes},
+    check_tiny_sizes(args.family, {**get_spec(args.family).tiny_sizes, **sizes},
                      labels={keys.hidden: "--hidden", keys.layers: "--layers"})
     print(make_tiny_checkpoint(args.family, args.path, seed=args.seed, vocab_size=args.vocab_size, **sizes))
     return 0

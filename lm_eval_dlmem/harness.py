@@ -33,8 +33,6 @@ from .decoding.seeds import request_seed
 
 log = logging.getLogger(__name__)
 
-# Context length when the checkpoint does not say (Dream's README: 2048).
-DEFAULT_MAX_LENGTH = {"llada": 4096, "dream": 2048, "llada_moe": 8192}
 LIKELIHOOD_CHUNK = 64  # requests per likelihood call: results reach the --use_cache db per chunk
 
 
@@ -68,7 +66,7 @@ class DlmLM(TemplateLM):
         self.backbone, self.memory = build_memory(a, backbone)
         self.spec = self.backbone.spec
         self.tokenizer = self.backbone.tokenizer
-        self._max_length = a.max_length or self._default_max_length()
+        self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
         self._batch_size = a.batch_size
         self._truncated_warned = 0
 
@@ -83,16 +81,6 @@ class DlmLM(TemplateLM):
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
         return cls(**merge_harness_args(arg_dict, additional_config or {}))
-
-    # ---- setup -----------------------------------------------------------------------------
-    def _default_max_length(self) -> int:
-        cfg = self.backbone.config
-        for key in ("max_sequence_length",):
-            if getattr(cfg, key, None):
-                return int(getattr(cfg, key))
-        if self.backbone.family == "llada_moe" and getattr(cfg, "max_position_embeddings", None):
-            return int(cfg.max_position_embeddings)
-        return DEFAULT_MAX_LENGTH[self.backbone.family]
 
     # ---- lm-eval plumbing -------------------------------------------------------------------
     @property
@@ -117,7 +105,7 @@ class DlmLM(TemplateLM):
         if add_special_tokens is False:
             add_bos = False
         elif add_bos is None:
-            add_bos = self.spec.name == "dream" and self.spec.bos_id is not None
+            add_bos = self.spec.bos_by_default and self.spec.bos_id is not None
         bos = self.spec.bos_id
         if add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids

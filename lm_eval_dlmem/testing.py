@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .backbones.spec import get_spec
+from .backbones.spec import FAMILIES, get_spec
 
 # A small English corpus for the byte-level BPE merges: enough that words become a few tokens.
 _CORPUS = """
@@ -28,22 +28,8 @@ apple banana cherry table chair window river mountain forest ocean people person
 first second third fourth fifth zero one two three four five six seven eight nine ten
 """
 
-TINY_SIZES = {
-    "llada": dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128),
-    "dream": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                  num_hidden_layers=2, intermediate_size=128),
-    "llada_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
-                      num_hidden_layers=2, expert_intermediate_size=32, dense_intermediate_size=128,
-                      num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
-}
-
-# Special tokens of each family, in the order they are added after the byte-level vocabulary.
-_SPECIALS = {
-    "llada": ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>",
-              "<|end_header_id|>", "<|eot_id|>"],
-    "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"],
-    "llada_moe": ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"],
-}
+# The tiny sizes of the built-in families by name (benchmarks read it; code reads `FamilySpec.tiny_sizes`).
+TINY_SIZES = {name: dict(spec.tiny_sizes) for name, spec in FAMILIES.items()}
 
 
 def build_tokenizer(family: str, bpe_vocab: int = 384, total_vocab: int | None = None):
@@ -62,7 +48,7 @@ def build_tokenizer(family: str, bpe_vocab: int = 384, total_vocab: int | None =
         vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
-    specials = _SPECIALS[family]
+    specials = spec.special_tokens
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=spec.bos_token,
@@ -118,54 +104,7 @@ def check_tiny_sizes(family: str, sizes: dict, labels: dict | None = None) -> No
 
 def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
     """config.json contents with the official keys for `family`, tiny sizes."""
-    spec = get_spec(family).resolve(tokenizer)
-    s = {**TINY_SIZES[family], **sizes}
-    if family == "llada":
-        base = dict(
-            architectures=["LLaDAModelLM"], model_type="llada",
-            auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
-                      "AutoModel": "modeling_llada.LLaDAModelLM",
-                      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
-            activation_type="silu", alibi=False, alibi_bias_max=8.0, attention_dropout=0.0,
-            attention_layer_norm=False, attention_layer_norm_with_affine=True,
-            bias_for_layer_norm=False, block_group_size=1, block_type="llama",
-            embedding_dropout=0.0, embedding_size=vocab_size, flash_attention=False,
-            include_bias=False, include_qkv_bias=False, init_cutoff_factor=None,
-            init_device="meta", init_fn="mitchell", init_std=0.02, input_emb_norm=False,
-            layer_norm_type="rms", layer_norm_with_affine=True, max_sequence_length=4096,
-            mlp_ratio=4, multi_query_attention=None, precision="amp_bf16", residual_dropout=0.0,
-            rms_norm_eps=1e-5, rope=True, rope_full_precision=True, rope_theta=500000.0,
-            scale_logits=False, use_cache=False, vocab_size=vocab_size, weight_tying=False,
-            eos_token_id=spec.eos_id, pad_token_id=spec.eos_id, mask_token_id=spec.mask_id,
-        )
-    elif family == "dream":
-        base = dict(
-            architectures=["DreamModel"], model_type="Dream",
-            auto_map={"AutoConfig": "configuration_dream.DreamConfig",
-                      "AutoModel": "modeling_dream.DreamModel"},
-            attention_dropout=0.0, bos_token_id=spec.bos_id, eos_token_id=spec.eos_id,
-            hidden_act="silu", initializer_range=0.02, mask_token_id=spec.mask_id,
-            max_position_embeddings=131072, max_window_layers=28, pad_token_id=spec.eos_id,
-            rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1000000.0, sliding_window=131072,
-            tie_word_embeddings=False, torch_dtype="float32", use_cache=False,
-            use_sliding_window=False, vocab_size=vocab_size,
-        )
-    else:
-        n_layers = s["num_hidden_layers"]
-        base = dict(
-            architectures=["LLaDAMoEModelLM"], model_type="llada",
-            auto_map={"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
-                      "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
-                      "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
-            attention_bias=False, attention_dropout=0.0, clip_qkv=None, hidden_act="silu",
-            initializer_range=0.02, max_position_embeddings=8192, moe_layer_freq=[1] * n_layers,
-            moe_router_enable_expert_bias=None, moe_router_score_function=None, norm_topk_prob=None,
-            output_router_logits=False, partial_rotary_factor=1, qk_layernorm=True, rms_norm_eps=1e-5,
-            rope_scaling=None, rope_theta=50000, router_aux_loss_coef=0.01, tie_word_embeddings=False,
-            use_cache=False, vocab_size=vocab_size, eos_token_id=spec.eos_id, pad_token_id=spec.eos_id,
-        )
-    # `sizes` may override any official key (rope_theta, partial_rotary_factor, moe_layer_freq, ...)
-    return {**base, **s}
+    return get_spec(family).resolve(tokenizer).official_config_dict(vocab_size, sizes)
 
 
 def make_tiny_checkpoint(
@@ -188,13 +127,8 @@ def make_tiny_checkpoint(
         **sizes: overrides of the official config keys (e.g. `d_model=128` for LLaDA,
             `hidden_size=128` for Dream/MoE, `n_layers` / `num_hidden_layers`).
     """
-    from .backbones.loading import model_class
-    from .backbones.llada import LLaDAConfig
-    from .backbones.dream import DreamConfig
-    from .backbones.llada_moe import LLaDAMoEConfig
-
-    get_spec(family)
-    check_tiny_sizes(family, {**TINY_SIZES[family], **sizes})
+    spec = get_spec(family)
+    check_tiny_sizes(family, {**spec.tiny_sizes, **sizes})
     if vocab_size is not None and vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size} must be a positive integer (or None for the tokenizer's size).")
     path = os.fspath(path)
@@ -204,10 +138,10 @@ def make_tiny_checkpoint(
     if vocab < len(tokenizer):
         raise ValueError(f"vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens).")
     config_dict = tiny_config(family, vocab, tokenizer, **sizes)
-    config_cls = {"llada": LLaDAConfig, "dream": DreamConfig, "llada_moe": LLaDAMoEConfig}[family]
-    config = config_cls(**config_dict)
+    cls = spec.load_class()
+    config = cls.config_class(**config_dict)
     torch.manual_seed(seed)
-    model = model_class(family)(config).to(dtype)
+    model = cls(config).to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -387,3 +387,53 @@ def test_clear_error_for_a_device_that_is_not_there(tiny_ckpts, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ValueError, match=r"only 2 GPU\(s\) are visible"):
         load_backbone(tiny_ckpts["llada"], device="cuda:2")
+
+
+# ---- the public seam below the logits (memories and training use it, never private methods) ----
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_in_two_spans_then_head_are_the_forward(family, backbones):
+    """Blocks [0, k) then [k, n), the final norm and the head give the raw forward's logits bit for
+    bit, on a left-padded batch (Dream's positions come from the mask)."""
+    bb = backbones[family]
+    ids, mask = _batch(bb)
+    with torch.no_grad():
+        raw = bb.model(input_ids=ids, attention_mask=mask).logits
+        low = bb.hidden_states(ids, mask, end_layer=1)
+        top = bb.hidden_states(None, mask, start_layer=1, hidden=low, checkpoint=True)
+        assert torch.equal(bb.head(bb.final_norm(top)), raw)
+        assert torch.equal(bb.hidden_states(ids, mask), top)
+    with pytest.raises(ValueError, match="start_layer=1 needs hidden="):
+        bb.hidden_states(ids, mask, start_layer=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_align_and_source_positions_agree_with_logits(family, backbones):
+    """`align` (whole tensors) and `source_positions` (picked positions) realign raw outputs the
+    way `logits` does, padded rows' first real token included."""
+    bb = backbones[family]
+    ids, mask = _batch(bb)
+    with torch.no_grad():
+        raw = bb.model(input_ids=ids, attention_mask=mask).logits
+        logits = bb.logits(ids, mask)
+    assert torch.equal(bb.align(raw, mask), logits)
+    rows, cols = mask.bool().nonzero(as_tuple=True)
+    src = bb.source_positions(cols, mask.argmax(1)[rows])
+    assert torch.equal(raw[rows, src], logits[rows, cols])
+    L = ids.shape[1]
+    assert bb.forwarded(L) == bb.forwarded(L, (8, 16)) == (0, L)
+    assert bb.forwarded(L, (8, 16), cached=True) == ((7, 16) if family == "dream" else (8, 16))
+
+
+def test_memory_and_training_code_use_only_the_public_seam():
+    """The shift and the block internals stay behind `Backbone`: no memory or MemDLM training
+    code re-implements them."""
+    import pathlib
+
+    import lm_eval_dlmem
+
+    root = pathlib.Path(lm_eval_dlmem.__file__).parent
+    files = sorted((root / "memory").glob("*.py")) + [root / "training" / "memdlm.py"]
+    private = ("._embed", "._blocks", "._final_norm", "._head", "logit_shift", "default_positions")
+    found = [f"{p.name}: {name}" for p in files for name in private if name in p.read_text()]
+    assert found == []

@@ -310,3 +310,13 @@ def test_a_batch_without_prompt_tokens_keeps_the_identity(backbones):
         mem.begin(bb, ids, attn, torch.zeros_like(pm), [0, 1])
         assert torch.equal(bb.logits(ids, attn), frozen)
         mem.end()
+
+
+def test_outer_adapters_load_from_the_backbone_package_and_the_old_path():
+    """Outer adapters change the backbone, so they live in `backbones.adapters`; the old import
+    path keeps working (the README documents it as deprecated)."""
+    from lm_eval_dlmem.backbones import adapters as new
+    from lm_eval_dlmem.memory import adapters as old
+
+    for name in ("apply_adapter", "add_outer_lora", "check_adapter_keys", "AdapterKeysError", "linear_targets"):
+        assert getattr(old, name) is getattr(new, name), name

@@ -121,11 +121,6 @@ class DiffusionCache:
         values[:, :, start : start + v.shape[2]] = v
         return keys, values
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the rows in `index` (used when finished rows leave a batch)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
-
 
 def sdpa(q, k, v, key_mask):
     """Bidirectional attention. q [B,H,l,D], k/v [B,G,Lk,D], key_mask [B,1,1,Lk] bool or None."""
@@ -235,7 +230,8 @@ def default_positions(attention_mask, start: int, length: int, from_mask: bool, 
 
 class DlmPreTrainedModel(PreTrainedModel):
     """Forward scaffolding shared by the families. Subclasses provide `_embed`, `_blocks`,
-    `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`.
+    `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`; `Backbone` reaches them
+    through its public `hidden_states` / `final_norm` / `head`.
 
     forward(input_ids [B, l], attention_mask [B, L] over the *whole* canvas, position_ids,
     past_key_values: DiffusionCache, use_cache, cache_position: int start of the window,
@@ -293,20 +289,12 @@ class DlmPreTrainedModel(PreTrainedModel):
         cache = past_key_values
         if cache is None and use_cache:
             cache = DiffusionCache()
-        if position_ids is None:
-            position_ids = default_positions(
-                attention_mask, start, x.shape[1], self.position_ids_from_mask, x.device
-            )
-        cos, sin = self.rotary(position_ids)
-        key_mask = key_padding_mask(attention_mask)
         hidden = [] if output_hidden_states else None
-        for i, block in enumerate(self._blocks()):
-            if hidden is not None:
-                hidden.append(x)
-            if self.gradient_checkpointing and self.training:
-                x = self._gradient_checkpointing_func(block.__call__, x, cos, sin, key_mask, None, start)
-            else:
-                x = block(x, cos, sin, key_mask, cache, start)
+        recompute = None
+        if self.gradient_checkpointing and self.training:
+            recompute = lambda block, *args: self._gradient_checkpointing_func(block.__call__, *args)  # noqa: E731
+        x = self.run_layers(x, attention_mask, position_ids=position_ids, cache=cache, start=start,
+                            recompute=recompute, collect=hidden)
         x = self._final_norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -322,6 +310,47 @@ class DlmPreTrainedModel(PreTrainedModel):
             hidden_states=tuple(hidden) if hidden is not None else None,
             **{OUTPUT_CACHE_FIELD: cache},
         )
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: DiffusionCache | None = None,
+        start: int = 0,
+        recompute=None,
+        collect: list | None = None,
+    ) -> torch.Tensor:
+        """Run decoder blocks `start_layer .. end_layer - 1` on x; the one block loop of the model.
+
+        Args:
+            x: [B, l, C] the embeddings, or the output of block `start_layer - 1`.
+            attention_mask: [B, L] over the whole canvas (1 real, 0 left padding), or None.
+            position_ids: [B or 1, l]; default from the window start (and the mask, for families
+                that set `position_ids_from_mask`).
+            cache / start: the `DiffusionCache` and the canvas position of x's first column.
+            recompute: `fn(block, x, cos, sin, key_mask, None, start)` that runs a block under
+                activation checkpointing (the cache is not used then), or None.
+            collect: when a list, each block's input is appended to it.
+
+        Returns:
+            [B, l, C] the output of block `end_layer - 1`, before the final norm.
+        """
+        if position_ids is None:
+            position_ids = default_positions(attention_mask, start, x.shape[1], self.position_ids_from_mask, x.device)
+        cos, sin = self.rotary(position_ids)
+        key_mask = key_padding_mask(attention_mask)
+        for block in list(self._blocks())[start_layer:end_layer]:
+            if collect is not None:
+                collect.append(x)
+            if recompute is not None:
+                x = recompute(block, x, cos, sin, key_mask, None, start)
+            else:
+                x = block(x, cos, sin, key_mask, cache, start)
+        return x
 
     # transformers' generate() is autoregressive; diffusion decoding lives in lm_eval_dlmem.decoding.
     def generate(self, *args, **kwargs):

@@ -73,6 +73,23 @@ class DreamConfig(PretrainedConfig):
             )
 
 
+def official_config(spec, vocab_size: int, sizes: dict) -> dict:
+    """config.json of a Dream-org Dream-v0 checkpoint (official keys, auto_map, model_type) with
+    `sizes` and the ids of the resolved `spec`."""
+    base = dict(
+        architectures=["DreamModel"], model_type="Dream",
+        auto_map={"AutoConfig": "configuration_dream.DreamConfig",
+                  "AutoModel": "modeling_dream.DreamModel"},
+        attention_dropout=0.0, bos_token_id=spec.bos_id, eos_token_id=spec.eos_id,
+        hidden_act="silu", initializer_range=0.02, mask_token_id=spec.mask_id,
+        max_position_embeddings=131072, max_window_layers=28, pad_token_id=spec.eos_id,
+        rms_norm_eps=1e-6, rope_scaling=None, rope_theta=1000000.0, sliding_window=131072,
+        tie_word_embeddings=False, torch_dtype="float32", use_cache=False,
+        use_sliding_window=False, vocab_size=vocab_size,
+    )
+    return {**base, **sizes}
+
+
 class DreamDecoderLayer(nn.Module):
     def __init__(self, config: DreamConfig, layer_idx: int):
         super().__init__()

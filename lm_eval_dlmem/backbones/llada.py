@@ -80,6 +80,29 @@ class LLaDAConfig(PretrainedConfig):
             )
 
 
+def official_config(spec, vocab_size: int, sizes: dict) -> dict:
+    """config.json of a GSAI-ML LLaDA-8B checkpoint (official keys, auto_map, model_type) with
+    `sizes` (OLMo names: d_model, n_layers, ...) and the ids of the resolved `spec`."""
+    base = dict(
+        architectures=["LLaDAModelLM"], model_type="llada",
+        auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
+                  "AutoModel": "modeling_llada.LLaDAModelLM",
+                  "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM"},
+        activation_type="silu", alibi=False, alibi_bias_max=8.0, attention_dropout=0.0,
+        attention_layer_norm=False, attention_layer_norm_with_affine=True,
+        bias_for_layer_norm=False, block_group_size=1, block_type="llama",
+        embedding_dropout=0.0, embedding_size=vocab_size, flash_attention=False,
+        include_bias=False, include_qkv_bias=False, init_cutoff_factor=None,
+        init_device="meta", init_fn="mitchell", init_std=0.02, input_emb_norm=False,
+        layer_norm_type="rms", layer_norm_with_affine=True, max_sequence_length=4096,
+        mlp_ratio=4, multi_query_attention=None, precision="amp_bf16", residual_dropout=0.0,
+        rms_norm_eps=1e-5, rope=True, rope_full_precision=True, rope_theta=500000.0,
+        scale_logits=False, use_cache=False, vocab_size=vocab_size, weight_tying=False,
+        eos_token_id=spec.eos_id, pad_token_id=spec.eos_id, mask_token_id=spec.mask_id,
+    )
+    return {**base, **sizes}
+
+
 class LLaDABlock(AttentionMixin, nn.Module):
     rope_full_precision = True
 

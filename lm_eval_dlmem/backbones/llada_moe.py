@@ -123,6 +123,24 @@ class LLaDAMoEConfig(PretrainedConfig):
         return not self.moe_layer_freq or self.moe_layer_freq[i] != 0
 
 
+def official_config(spec, vocab_size: int, sizes: dict) -> dict:
+    """config.json of an inclusionAI LLaDA-MoE-7B-A1B checkpoint (official keys, auto_map,
+    model_type) with `sizes` and the ids of the resolved `spec`; every layer is an MoE layer."""
+    base = dict(
+        architectures=["LLaDAMoEModelLM"], model_type="llada",
+        auto_map={"AutoConfig": "configuration_lladamoe.LLaDAMoEConfig",
+                  "AutoModel": "modeling_lladamoe.LLaDAMoEModelLM",
+                  "AutoModelForCausalLM": "modeling_lladamoe.LLaDAMoEModelLM"},
+        attention_bias=False, attention_dropout=0.0, clip_qkv=None, hidden_act="silu",
+        initializer_range=0.02, max_position_embeddings=8192, moe_layer_freq=[1] * sizes["num_hidden_layers"],
+        moe_router_enable_expert_bias=None, moe_router_score_function=None, norm_topk_prob=None,
+        output_router_logits=False, partial_rotary_factor=1, qk_layernorm=True, rms_norm_eps=1e-5,
+        rope_scaling=None, rope_theta=50000, router_aux_loss_coef=0.01, tie_word_embeddings=False,
+        use_cache=False, vocab_size=vocab_size, eos_token_id=spec.eos_id, pad_token_id=spec.eos_id,
+    )
+    return {**base, **sizes}
+
+
 # While an expert runs: (token indices [N_e] into the flattened [B*l] input, l). Per-row adapters
 # inside experts (MemDLM fast weights) read it to find each token's batch row; the backbone never
 # does. A ContextVar costs nothing when unused and is set again when checkpointing recomputes.

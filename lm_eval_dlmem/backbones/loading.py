@@ -25,17 +25,8 @@ DTYPES = {
 
 
 def model_class(family: str):
-    if family == "llada":
-        from .llada import LLaDAModelLM
-        return LLaDAModelLM
-    if family == "dream":
-        from .dream import DreamModel
-        return DreamModel
-    if family == "llada_moe":
-        from .llada_moe import LLaDAMoEModelLM
-        return LLaDAMoEModelLM
-    get_spec(family)  # raises with the list of families
-    raise AssertionError(family)
+    """The family's model class (`FamilySpec.model_class`); an unknown family names the valid ones."""
+    return get_spec(family).load_class()
 
 
 def detect_family(config: dict) -> str:
@@ -234,13 +225,8 @@ class Backbone:
         a, b = keep if keep is not None else (s, e)
         if not (0 <= s <= a <= b <= e <= L):
             raise ValueError(f"keep={keep} must lie inside window={window} within a canvas of {L} tokens.")
-        shift = 1 if self.spec.logit_shift else 0
-        # Raw logit j predicts token j + shift. A shifted model has no prediction for a row's first
-        # real token; it gets the raw logit at its own position, as in Dream's sampler
-        # (cat([l[:, :1], l[:, :-1]])), so left-padded rows match unpadded ones there too.
-        fs = max(s - shift, 0) if (cache is not None and len(cache)) else 0
-        fe = e if (cache is not None and len(cache)) else L
-        ra = max(a - shift, 0)
+        fs, fe = self.forwarded(L, window, cached=cache is not None and len(cache) > 0)
+        ra = self.source_start(a)
         raw = self.model(
             input_ids=input_ids[:, fs:fe],
             attention_mask=attention_mask,
@@ -249,15 +235,100 @@ class Backbone:
             cache_position=fs,
             logits_to_keep=slice(ra - fs, b - fs),
         ).logits  # raw positions ra .. b-1
-        if not shift:
+        return self.align(raw, attention_mask, start=a)
+
+    # ---- Dream's one-position shift: these four methods are the only code that knows it ----------
+    @property
+    def _shift(self) -> int:
+        return 1 if self.spec.logit_shift else 0
+
+    def source_start(self, start: int) -> int:
+        """First raw position needed to predict the tokens from `start` on (start - 1 for a
+        shifted model, whose raw output j predicts token j + 1)."""
+        return max(start - self._shift, 0)
+
+    def forwarded(self, length: int, window: tuple[int, int] | None = None, cached: bool = False) -> tuple[int, int]:
+        """Canvas positions [start, end) that a forward computes: the whole canvas of `length`
+        tokens, or with a filled cache only `window`, widened by the shift (a shifted model also
+        forwards the position before the window: its output predicts the window's first token)."""
+        if not cached:
+            return 0, length
+        s, e = window if window is not None else (0, length)
+        return self.source_start(s), e
+
+    def align(self, raw: torch.Tensor, attention_mask: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """Raw per-position outputs -> outputs where index i predicts token `start + i`.
+
+        Args:
+            raw: [B, n, ...] the raw model's outputs (logits) at positions `source_start(start)` on.
+            attention_mask: [B, L] 1 real / 0 left padding, or None.
+            start: canvas position of the first token to predict.
+
+        Returns:
+            raw itself for unshifted families; else [B, n or n - 1, ...]. A shifted model has no
+            prediction for a row's first real token; it gets the raw output at its own position,
+            as in Dream's sampler (cat([l[:, :1], l[:, :-1]])), so left-padded rows match
+            unpadded ones there too.
+        """
+        if not self._shift:
             return raw
-        out = torch.cat([raw[:, :1], raw[:, :-1]], dim=1) if a == 0 else raw[:, :-1]
+        out = torch.cat([raw[:, :1], raw[:, :-1]], dim=1) if start == 0 else raw[:, :-1]
         if attention_mask is not None:
             first = attention_mask.long().argmax(-1)  # first real position of each row
-            rows = ((first >= max(a, 1)) & (first < b)).nonzero().flatten()
+            rows = ((first >= max(start, 1)) & (first < start + out.shape[1])).nonzero().flatten()
             if rows.numel():
-                out[rows, first[rows] - a] = raw[rows, first[rows] - ra]
+                out[rows, first[rows] - start] = raw[rows, first[rows] - self.source_start(start)]
         return out
+
+    def source_positions(self, positions: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """Raw positions whose outputs predict the tokens at `positions` (any shape), never
+        before the row's first real token `first` (same shape), as in `align`."""
+        return torch.maximum(positions - self._shift, first)
+
+    # ---- the model below the LM head, for memories that train through it ----------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        hidden: torch.Tensor | None = None,
+        checkpoint: bool = False,
+    ) -> torch.Tensor:
+        """Outputs of decoder blocks `start_layer .. end_layer - 1` over the whole canvas.
+
+        Args:
+            input_ids: [B, L] tokens, embedded when `hidden` is None (then start_layer must be 0).
+            attention_mask: [B, L] 1 real / 0 left padding, or None.
+            start_layer / end_layer: the blocks to run; end_layer None = through the last block.
+            hidden: [B, L, C] the output of block `start_layer - 1`, to continue from.
+            checkpoint: recompute each block in the backward instead of keeping its activations.
+
+        Returns:
+            [B, L, C] before the final norm (`final_norm`, then `head` for raw logits).
+        """
+        model = self.base_model
+        if hidden is None:
+            if start_layer:
+                raise ValueError(f"start_layer={start_layer} needs hidden=, the output of block {start_layer - 1}.")
+            hidden = model._embed(input_ids)
+        recompute = None
+        if checkpoint:
+            from torch.utils.checkpoint import checkpoint as run_checkpointed
+
+            recompute = lambda block, *args: run_checkpointed(block, *args, use_reentrant=False)  # noqa: E731
+        return model.run_layers(hidden, attention_mask, start_layer=start_layer, end_layer=end_layer,
+                                recompute=recompute)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The norm after the last block: [..., C] -> [..., C]."""
+        return self.base_model._final_norm(hidden)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Raw LM-head logits [..., V] of final-norm hidden states [..., C] (output j predicts
+        token j + shift: pick positions with `source_positions` or realign with `align`)."""
+        return self.base_model._head(hidden)
 
     def __call__(self, *args, **kwargs):
         return self.logits(*args, **kwargs)

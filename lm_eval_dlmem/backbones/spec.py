@@ -1,6 +1,8 @@
-"""Per-family facts the decoder and harness need: special tokens, logit shift, chat template.
+"""Every per-family fact, as data: special tokens, logit shift, chat template, model class,
+config.json names, context length, BOS and FFN conventions, and what a tiny test checkpoint needs.
 
-The ids below are the official checkpoints' ids. A `FamilySpec` is resolved against the actual
+Code elsewhere reads these fields instead of testing the family name, so adding a family is its
+model module, its `FamilySpec` here, and its tests. The ids below are the official checkpoints' ids. A `FamilySpec` is resolved against the actual
 tokenizer at load time (`FamilySpec.resolve`), so tiny test checkpoints with small vocabularies
 work through the same code: tokens are looked up by *string*, the official id is only a fallback.
 """
@@ -8,8 +10,10 @@ work through the same code: tokens are looked up by *string*, the official id is
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 LLADA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -62,13 +66,26 @@ class FamilySpec:
         eot_token / eot_id: end of turn (chat models), or None.
         bos_token: beginning of text, prepended when the tokenizer does not add it itself.
         logit_shift: True when logits[i] of the raw model predicts token i+1 (Dream, AR-initialised).
-        position_ids_from_mask: pass `cumsum(mask)-1` as position ids for padded rows (Dream's sampler
-            does; LLaDA's forward takes no position ids, so it stays `arange`).
+            Only `Backbone` reads it (`logits`, `align`, `source_positions`, `forwarded`).
         chat_template: used when the tokenizer ships none (LLaDA Base, tiny checkpoints).
         template_tokens: special tokens the chat template needs as single tokens.
         size_keys: config.json names of hidden size, attention heads, key/value heads, layers.
         config_keys: keys every config.json of the family holds: a config without them is not
             of this family, whatever `family=` says (its class would fill in 7B-size defaults).
+        model_class: `module:Class` of the model in `lm_eval_dlmem.backbones`, imported lazily
+            (`load_class`) so that reading a spec imports no modeling code.
+        official_config: `module:function` in `lm_eval_dlmem.backbones` returning the official
+            config.json keys for `(resolved spec, vocab_size, sizes)` (used by tiny checkpoints).
+        special_tokens: the official tokenizer's special tokens, in the order a tiny tokenizer
+            adds them after its byte-level vocabulary.
+        tiny_sizes: config.json sizes of the tiny test checkpoint (`testing.make_tiny_checkpoint`).
+        default_max_length: context length when config.json names none in `max_length_keys`
+            (Dream's README: 2048; its max_position_embeddings is RoPE's range, not a trained length).
+        max_length_keys: config.json keys holding the trained context length, first present wins.
+        bos_by_default: prepend `bos_token` to every request when `add_bos_token` is not given
+            (Dream's tokenizer does not add it, its training data starts with it).
+        ffn_names: the (gate, up, down) projection names of the family's feed-forward blocks
+            (MemDLM `inner_targets=ffn` puts fast weights on them).
     """
 
     name: str
@@ -81,11 +98,18 @@ class FamilySpec:
     bos_token: str | None
     bos_id: int | None
     logit_shift: bool
-    position_ids_from_mask: bool
     chat_template: str
     template_tokens: tuple[str, ...] = field(default_factory=tuple)
     size_keys: SizeKeys = SizeKeys("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
     config_keys: tuple[str, ...] = ()
+    model_class: str = ""
+    official_config: str = ""
+    special_tokens: tuple[str, ...] = ()
+    tiny_sizes: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    default_max_length: int = 4096
+    max_length_keys: tuple[str, ...] = ("max_sequence_length",)
+    bos_by_default: bool = False
+    ffn_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -112,6 +136,22 @@ class FamilySpec:
             bos_id=lookup(self.bos_token, self.bos_id),
         )
 
+    def load_class(self):
+        """The family's `PreTrainedModel` subclass (imported on first use)."""
+        return _import(self.model_class)
+
+    def official_config_dict(self, vocab_size: int, sizes: Mapping[str, Any]) -> dict:
+        """config.json contents with the official keys and model_type; `sizes` override any key."""
+        return _import(self.official_config)(self, vocab_size, {**self.tiny_sizes, **sizes})
+
+    def max_length(self, config) -> int:
+        """The context length a checkpoint was trained for: the first of `max_length_keys` that
+        its config sets, else `default_max_length`."""
+        for key in self.max_length_keys:
+            if getattr(config, key, None):
+                return int(getattr(config, key))
+        return self.default_max_length
+
     @property
     def stop_ids(self) -> tuple[int, ...]:
         """Token ids that end a generation (EOS, and EoT for chat models)."""
@@ -129,11 +169,17 @@ LLADA = FamilySpec(
     bos_token="<|startoftext|>",
     bos_id=126080,
     logit_shift=False,
-    position_ids_from_mask=False,
     chat_template=LLADA_CHAT_TEMPLATE,
     template_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     size_keys=SizeKeys("d_model", "n_heads", "n_kv_heads", "n_layers"),
     config_keys=("d_model", "n_heads", "n_layers"),
+    model_class="llada:LLaDAModelLM",
+    official_config="llada:official_config",
+    special_tokens=("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>"),
+    tiny_sizes=dict(d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=128),
+    default_max_length=4096,
+    ffn_names=("ff_proj", "up_proj", "ff_out"),  # on the block itself: ff_out is the down projection
 )
 
 DREAM = FamilySpec(
@@ -147,10 +193,16 @@ DREAM = FamilySpec(
     bos_token="<|beginoftext|>",
     bos_id=151665,
     logit_shift=True,
-    position_ids_from_mask=True,
     chat_template=DREAM_CHAT_TEMPLATE,
     template_tokens=("<|im_start|>", "<|im_end|>"),
     config_keys=("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers"),
+    model_class="dream:DreamModel",
+    official_config="dream:official_config",
+    special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"),
+    tiny_sizes=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    num_hidden_layers=2, intermediate_size=128),
+    default_max_length=2048,
+    bos_by_default=True,
 )
 
 LLADA_MOE = FamilySpec(
@@ -164,13 +216,26 @@ LLADA_MOE = FamilySpec(
     bos_token=None,
     bos_id=None,
     logit_shift=False,
-    position_ids_from_mask=False,
     chat_template=LING_CHAT_TEMPLATE,
     template_tokens=("<role>", "</role>", "<|role_end|>"),
     config_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "num_experts"),
+    model_class="llada_moe:LLaDAMoEModelLM",
+    official_config="llada_moe:official_config",
+    special_tokens=("<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"),
+    tiny_sizes=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
+                    num_hidden_layers=2, expert_intermediate_size=32, dense_intermediate_size=128,
+                    num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
+    default_max_length=8192,
+    max_length_keys=("max_sequence_length", "max_position_embeddings"),
 )
 
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE)}
+
+
+def _import(path: str):
+    """`module:name` inside `lm_eval_dlmem.backbones` -> the object."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def get_spec(family: str) -> FamilySpec:

@@ -97,7 +97,6 @@ class BlockForward:
         self.memory = memory
         self.P = prompt_len
         self.mask_id = backbone.spec.mask_id
-        self.shift = 1 if backbone.spec.logit_shift else 0
         self.cache: DiffusionCache | None = None
         self.step = 0
 
@@ -106,12 +105,12 @@ class BlockForward:
         first step, otherwise the mode's window against the cached keys/values."""
         s, e = block
         if self.mode == "none":
-            return None, None, (0, L)
+            return None, None, self.backbone.forwarded(L)
         if refresh or self.cache is None:
             self.cache = DiffusionCache()
-            return self.cache, None, (0, L)
+            return self.cache, None, self.backbone.forwarded(L)
         window = (s, L) if self.mode == "prefix" else (s, e)
-        return self.cache, window, (max(s - self.shift, 0), window[1])  # a shifted model also forwards s - 1
+        return self.cache, window, self.backbone.forwarded(L, window, cached=True)
 
     def __call__(self, x, attn, block: tuple[int, int], refresh: bool) -> torch.Tensor:
         cache, window, span = self.window(x.shape[1], block, refresh)

@@ -46,9 +46,4 @@ def resolve_embedded(name) -> str | None:
     return path
 
 
-def available() -> list[str]:
-    """Embedded names whose files are present."""
-    return [n for n in NAMES if os.path.isdir(os.path.join(EMBEDDED_DIR, n))]
-
-
-__all__ = ["NAMES", "EMBEDDED_DIR", "resolve_embedded", "available"]
+__all__ = ["NAMES", "EMBEDDED_DIR", "resolve_embedded"]

@@ -42,7 +42,7 @@ def memdlm_config(args):
 
 def _with_adapter(args, backbone):
     """`apply_adapter`, with PEFT's shape errors turned into one that names both checkpoints."""
-    from .adapters import AdapterKeysError, apply_adapter
+    from ..backbones.adapters import AdapterKeysError, apply_adapter
 
     try:
         return apply_adapter(backbone, args.adapter, strict=args.strict_weights)

@@ -38,16 +38,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ..backbones.common import default_positions, key_padding_mask
 from ..backbones.llada_moe import EXPERT_TOKENS
+from ..backbones.adapters import apply_adapter  # noqa: F401  (deprecated path: import from backbones.adapters)
 from ..decoding.seeds import memory_seed
-from .adapters import apply_adapter  # noqa: F401  (re-exported: harness imports it from here)
 from .adapters import seeded_adapter_dropout
 from .anchor import anchor_states, prompt_anchor
 from .base import Memory
 
-FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
-LLADA_FFN_NAMES = ("ff_proj", "up_proj", "ff_out")  # LLaDA-8B blocks hold the FFN directly
 LOSS_WEIGHTS = ("uniform", "scheduler")
 RELEASED_NAMES = ("gate_proj", "up_proj", "down_proj")  # the released mem_inner_target_modules
 
@@ -174,20 +171,21 @@ def ffn_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, boo
     """(parent module, attribute, is inside an expert) for every FFN projection of the last
     `fraction` of the blocks, in a fixed order (the order fast weights are drawn in)."""
     layers = backbone.layers
+    names = backbone.spec.ffn_names
     first = max(0, int(len(layers) * (1.0 - fraction)))
     found = []
     for layer in list(layers)[first:]:
         mlp = getattr(layer, "mlp", None)
-        if not isinstance(mlp, nn.Module):
-            groups = [(layer, LLADA_FFN_NAMES, False)]
+        if not isinstance(mlp, nn.Module):  # the block holds the FFN itself (LLaDA-8B)
+            groups = [(layer, False)]
         elif hasattr(mlp, "experts"):
-            groups = [(expert, FFN_NAMES, True) for expert in mlp.experts]
+            groups = [(expert, True) for expert in mlp.experts]
         else:
-            groups = [(mlp, FFN_NAMES, False)]
+            groups = [(mlp, False)]
         shared = getattr(layer, "shared_expert", None)
         if shared is not None:
-            groups.append((shared, FFN_NAMES, False))
-        found += [(parent, name, expert) for parent, names, expert in groups for name in names if hasattr(parent, name)]
+            groups.append((shared, False))
+        found += [(parent, name, expert) for parent, expert in groups for name in names if hasattr(parent, name)]
     if not found:
         raise ValueError("No FFN projections found in the last layers; this backbone layout is not supported.")
     return found
@@ -406,15 +404,13 @@ class FastWeightMemory(Memory):
 
     def stage_loss(self, x0, attention_mask, masked, maskable) -> torch.Tensor:
         """Token-normalised masked cross-entropy of each fast-weight set, [S]."""
-        spec = self.backbone.spec
-        model = self.backbone.base_model
+        backbone = self.backbone
         S = self.layers[0].fast_A.shape[0]
-        hidden = self.hidden(torch.where(masked, spec.mask_id, x0), attention_mask)
+        hidden = self.hidden(torch.where(masked, backbone.spec.mask_id, x0), attention_mask)
         rows, cols = masked.nonzero(as_tuple=True)
-        # Dream: hidden i-1 predicts token i; a row's first token uses its own (as unpadded).
         first = attention_mask.argmax(1)[rows] if attention_mask is not None else torch.zeros_like(cols)
-        src = torch.maximum(cols - int(spec.logit_shift), first)
-        nll = chunked_nll(model._head, hidden[rows, src], x0[rows, cols])
+        src = backbone.source_positions(cols, first)
+        nll = chunked_nll(backbone.head, hidden[rows, src], x0[rows, cols])
         if self.config.loss_weight == "scheduler":  # 1/t with t the row's current mask ratio
             t = masked.sum(1).float() / maskable.sum(1).clamp_min(1).float()
             nll = nll / t.clamp_min(1e-3)[rows]
@@ -425,23 +421,12 @@ class FastWeightMemory(Memory):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
         """Final-norm hidden states [B, L, C]; gradients flow only through the fast blocks."""
-        model = self.backbone.base_model
-        blocks = list(model._blocks())
-        L = input_ids.shape[1]
+        backbone = self.backbone
         with torch.no_grad():
-            x = model._embed(input_ids)
-            pos = default_positions(attention_mask, 0, L, model.position_ids_from_mask, x.device)
-            cos, sin = model.rotary(pos)
-            key_mask = key_padding_mask(attention_mask)
-            for block in blocks[: self.first_layer]:
-                x = block(x, cos, sin, key_mask, None, 0)
-        x = x.detach()
-        for block in blocks[self.first_layer:]:
-            if self.config.checkpointing:
-                x = checkpoint(block, x, cos, sin, key_mask, None, 0, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, key_mask, None, 0)
-        return model._final_norm(x)
+            x = backbone.hidden_states(input_ids, attention_mask, end_layer=self.first_layer)
+        x = backbone.hidden_states(None, attention_mask, start_layer=self.first_layer, hidden=x.detach(),
+                                   checkpoint=self.config.checkpointing)
+        return backbone.final_norm(x)
 
     def _prompt_inputs(self, input_ids, attention_mask, prompt_mask):
         """The prompt part of a canvas: ids/attention [B, P] and the maskable prompt tokens."""

@@ -190,11 +190,10 @@ def noise(x0, maskable, eps: float, gen):
     return t, (u < t[:, None]) & maskable
 
 
-def outer_loss(model, spec, x0, anchor, t, maskable) -> torch.Tensor:
-    """MDLM loss on x_t: sum over masked of (1/t) CE, over the number of response tokens."""
-    logits = model(input_ids=torch.where(anchor, spec.mask_id, x0)).logits
-    if spec.logit_shift:  # Dream: raw logit i predicts token i+1
-        logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+def outer_loss(model, backbone, x0, anchor, t, maskable) -> torch.Tensor:
+    """MDLM loss on x_t: sum over masked of (1/t) CE, over the number of response tokens.
+    `model` is the (accelerate-prepared) outer model, `backbone` gives the mask id and shift."""
+    logits = backbone.align(model(input_ids=torch.where(anchor, backbone.spec.mask_id, x0)).logits)
     rows, cols = anchor.nonzero(as_tuple=True)
     nll = F.cross_entropy(logits[rows, cols].float(), x0[rows, cols], reduction="none")
     return (nll / t[rows]).sum() / maskable.sum().clamp_min(1)
@@ -213,7 +212,7 @@ def train_step(model, backbone, memory, batch, args, gen) -> tuple[torch.Tensor,
         states = anchor_states(maskable, anchor, args.inner_steps, args.pre_anchor_scale, [gen])
         with torch.enable_grad():
             inner = [float(l.mean()) for l in memory.adapt(x0, None, states, maskable)]
-    return outer_loss(model, backbone.spec, x0, anchor, t, maskable), inner
+    return outer_loss(model, backbone, x0, anchor, t, maskable), inner
 
 
 @torch.no_grad()

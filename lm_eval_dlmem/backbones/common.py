@@ -228,6 +228,40 @@ def default_positions(attention_mask, start: int, length: int, from_mask: bool, 
     return torch.arange(start, start + length, device=device)[None]
 
 
+class LlamaLayout:
+    """Module layout of checkpoints named the Llama way (`model.embed_tokens`, `model.layers`,
+    `model.norm`, `lm_head`), as the official Dream and LLaDA-MoE checkpoints are: the accessors
+    through which `DlmPreTrainedModel` and transformers reach the parts."""
+
+    def _embed(self, input_ids):
+        return self.model.embed_tokens(input_ids)
+
+    def _blocks(self):
+        return self.model.layers
+
+    def _final_norm(self, x):
+        return self.model.norm(x)
+
+    def _head(self, x):
+        return self.lm_head(x)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.layers
+
+
 class DlmPreTrainedModel(PreTrainedModel):
     """Forward scaffolding shared by the families. Subclasses provide `_embed`, `_blocks`,
     `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`; `Backbone` reaches them

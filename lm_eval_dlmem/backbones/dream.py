@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers import PretrainedConfig
 
-from .common import DlmPreTrainedModel, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class DreamConfig(PretrainedConfig):
@@ -114,7 +114,7 @@ class DreamBaseModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class DreamModel(DlmPreTrainedModel):
+class DreamModel(LlamaLayout, DlmPreTrainedModel):
     config_class = DreamConfig
     base_model_prefix = "model"
     _no_split_modules = ["DreamDecoderLayer"]
@@ -128,31 +128,3 @@ class DreamModel(DlmPreTrainedModel):
         head_dim = config.hidden_size // config.num_attention_heads
         self.rotary = Rotary(head_dim, config.rope_theta)
         self.post_init()
-
-    def _embed(self, input_ids):
-        return self.model.embed_tokens(input_ids)
-
-    def _blocks(self):
-        return self.model.layers
-
-    def _final_norm(self, x):
-        return self.model.norm(x)
-
-    def _head(self, x):
-        return self.lm_head(x)
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers

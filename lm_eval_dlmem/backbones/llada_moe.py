@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from .common import DlmPreTrainedModel, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -225,7 +225,7 @@ class LLaDAMoEModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
-class LLaDAMoEModelLM(DlmPreTrainedModel):
+class LLaDAMoEModelLM(LlamaLayout, DlmPreTrainedModel):
     config_class = LLaDAMoEConfig
     base_model_prefix = "model"
     _no_split_modules = ["LLaDAMoEDecoderLayer"]
@@ -239,31 +239,3 @@ class LLaDAMoEModelLM(DlmPreTrainedModel):
         factor = config.partial_rotary_factor if config.partial_rotary_factor and config.partial_rotary_factor > 0 else 1.0
         self.rotary = Rotary(int(head_dim * factor), config.rope_theta)
         self.post_init()
-
-    def _embed(self, input_ids):
-        return self.model.embed_tokens(input_ids)
-
-    def _blocks(self):
-        return self.model.layers
-
-    def _final_norm(self, x):
-        return self.model.norm(x)
-
-    def _head(self, x):
-        return self.lm_head(x)
-
-    def get_input_embeddings(self):
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lm_eval_dlmem import load_backbone
+from lm_eval_dlmem.backbones.loading import Backbone
 from lm_eval_dlmem.decoding.config import DecodeConfig
 from lm_eval_dlmem.decoding.engine import generate
 from lm_eval_dlmem.decoding.schedule import dream_transfer_counts, llada_transfer_counts
@@ -36,6 +37,9 @@ class MockBackbone:
     """Logits depend only on the position: `table(L)` -> [L, V]. Records every forward."""
 
     spec = MockSpec()
+    # the decoder asks the backbone which positions a cached forward computes: the real methods,
+    # so a mock spec's `logit_shift` is honoured exactly as a real backbone's
+    _shift, source_start, forwarded = Backbone._shift, Backbone.source_start, Backbone.forwarded
     tokenizer = LetterTokenizer()
     device = torch.device("cpu")
 

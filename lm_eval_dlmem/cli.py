@@ -42,7 +42,7 @@ def _offline_defaults() -> None:
 
 def cmd_make_tiny(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem make-tiny", description="Write a tiny checkpoint in the official format.")
-    p.add_argument("family", choices=["llada", "dream", "llada_moe"], help="backbone family")
+    p.add_argument("family", choices=["llada", "dream", "llada_moe", "llada2"], help="backbone family")
     p.add_argument("path", help="output directory")
     p.add_argument("--seed", type=int, default=0, help="weight seed")
     p.add_argument("--vocab-size", type=int, default=None, help="model vocabulary (tokenizer padded to match)")

@@ -35,6 +35,12 @@ TINY_SIZES = {
     "llada_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                       num_hidden_layers=2, expert_intermediate_size=32, dense_intermediate_size=128,
                       num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
+    # layer 0 dense, layer 1 MoE; 8 experts in 4 groups of which 2 are searched, as in the
+    # released 256-expert / 8-group / top-4-group layout
+    "llada2": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
+                   num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                   num_shared_experts=1, first_k_dense_replace=1),
 }
 
 # Special tokens of each family, in the order they are added after the byte-level vocabulary.
@@ -43,6 +49,7 @@ _SPECIALS = {
               "<|end_header_id|>", "<|eot_id|>"],
     "dream": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"],
     "llada_moe": ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"],
+    "llada2": ["<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"],
 }
 
 
@@ -113,6 +120,8 @@ def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
             tie_word_embeddings=False, torch_dtype="float32", use_cache=False,
             use_sliding_window=False, vocab_size=vocab_size,
         )
+    elif family == "llada2":
+        base = _llada2_config(vocab_size, spec)
     else:
         n_layers = s["num_hidden_layers"]
         base = dict(
@@ -131,6 +140,25 @@ def tiny_config(family: str, vocab_size: int, tokenizer, **sizes) -> dict:
     return {**base, **s}
 
 
+def _llada2_config(vocab_size: int, spec) -> dict:
+    """The keys of the hub's LLaDA2.x-mini config.json, including those only the hub file has
+    (`score_function`, `norm_topk_prob`, `router_dtype`, ...), which the official code ignores."""
+    return dict(
+        architectures=["LLaDA2MoeModelLM"], model_type="llada2_moe",
+        auto_map={"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                  "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                  "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        attention_dropout=0.0, embedding_dropout=0.0, output_dropout=0.0, hidden_act="silu",
+        initializer_range=0.02, max_position_embeddings=32768, max_window_layers=20,
+        moe_router_enable_expert_bias=True, norm_head=False, norm_softmax=False, norm_topk_prob=True,
+        output_router_logits=False, partial_rotary_factor=0.5, rms_norm_eps=1e-6, rope_scaling=None,
+        rope_theta=600000, routed_scaling_factor=2.5, router_dtype="fp32", score_function="sigmoid",
+        tie_word_embeddings=False, torch_dtype="bfloat16", use_bias=False, use_cache=False,
+        use_qk_norm=True, use_qkv_bias=False, use_rmsnorm=True, use_sliding_window=False,
+        vocab_size=vocab_size, eos_token_id=spec.eos_id, pad_token_id=spec.eos_id,
+    )
+
+
 def make_tiny_checkpoint(
     family: str,
     path: str | os.PathLike,
@@ -142,19 +170,20 @@ def make_tiny_checkpoint(
     """Write a tiny official-format checkpoint directory for `family` and return its path.
 
     Args:
-        family: `llada`, `dream` or `llada_moe`.
+        family: `llada`, `dream`, `llada_moe` or `llada2`.
         path: output directory (created).
         seed: weights are drawn from torch's generator seeded with this.
         vocab_size: model vocabulary; the tokenizer is padded with reserved tokens to match.
             Default: the tokenizer's size rounded up to a multiple of 64.
         dtype: dtype the weights are stored in.
         **sizes: overrides of the official config keys (e.g. `d_model=128` for LLaDA,
-            `hidden_size=128` for Dream/MoE, `n_layers` / `num_hidden_layers`).
+            `hidden_size=128` for Dream/MoE/LLaDA2, `n_layers` / `num_hidden_layers`).
     """
     from .backbones.loading import model_class
     from .backbones.llada import LLaDAConfig
     from .backbones.dream import DreamConfig
     from .backbones.llada_moe import LLaDAMoEConfig
+    from .backbones.llada2 import LLaDA2MoeConfig
 
     get_spec(family)
     path = os.fspath(path)
@@ -164,10 +193,17 @@ def make_tiny_checkpoint(
     if vocab < len(tokenizer):
         raise ValueError(f"vocab_size={vocab} is smaller than the tokenizer ({len(tokenizer)} tokens).")
     config_dict = tiny_config(family, vocab, tokenizer, **sizes)
-    config_cls = {"llada": LLaDAConfig, "dream": DreamConfig, "llada_moe": LLaDAMoEConfig}[family]
+    config_cls = {"llada": LLaDAConfig, "dream": DreamConfig, "llada_moe": LLaDAMoEConfig,
+                  "llada2": LLaDA2MoeConfig}[family]
     config = config_cls(**config_dict)
     torch.manual_seed(seed)
-    model = model_class(family)(config).to(dtype)
+    model = model_class(family)(config)
+    with torch.no_grad():
+        # routers' expert biases start at zero; random ones make the biased selection matter
+        for name, buf in model.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.normal_(0.0, 0.1)
+    model = model.to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

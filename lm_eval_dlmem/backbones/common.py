@@ -232,7 +232,8 @@ class DlmPreTrainedModel(PreTrainedModel):
 
     forward(input_ids [B, l], attention_mask [B, L] over the *whole* canvas, position_ids,
     past_key_values: DiffusionCache, use_cache, cache_position: int start of the window,
-    logits_to_keep: int (last n) or slice (positions within the window)).
+    logits_to_keep: int (last n) or slice (positions within the window), block_length: int for
+    block-causal families (LLaDA2.x), None for bidirectional attention).
     """
 
     supports_gradient_checkpointing = True
@@ -281,7 +282,9 @@ class DlmPreTrainedModel(PreTrainedModel):
                 attention_mask, start, x.shape[1], self.position_ids_from_mask, x.device
             )
         cos, sin = self.rotary(position_ids)
-        key_mask = key_padding_mask(attention_mask)
+        keys = attention_mask.shape[1] if attention_mask is not None else (
+            cache.length if cache is not None and len(cache) else start + x.shape[1])
+        key_mask = self._attention_mask(attention_mask, start, x.shape[1], keys, kwargs.get("block_length"))
         hidden = [] if output_hidden_states else None
         for i, block in enumerate(self._blocks()):
             if hidden is not None:
@@ -305,6 +308,16 @@ class DlmPreTrainedModel(PreTrainedModel):
             past_key_values=cache,
             hidden_states=tuple(hidden) if hidden is not None else None,
         )
+
+    def _attention_mask(self, attention_mask, start: int, length: int, keys: int, block_length: int | None):
+        """SDPA mask for queries [start, start + length) over `keys` key positions: here every
+        real key (bidirectional families); block-causal families override it."""
+        if block_length is not None:
+            raise ValueError(
+                f"block_length={block_length} was passed to {type(self).__name__}, which attends "
+                "bidirectionally; block-causal attention is a LLaDA2.x option. Pass block_length=None."
+            )
+        return key_padding_mask(attention_mask)
 
     # transformers' generate() is autoregressive; diffusion decoding lives in lm_eval_dlmem.decoding.
     def generate(self, *args, **kwargs):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import FamilySpec, get_spec
+from .spec import FAMILIES, FamilySpec, get_spec
 
 DTYPES = {
     "auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -32,14 +32,22 @@ def model_class(family: str):
     if family == "llada_moe":
         from .llada_moe import LLaDAMoEModelLM
         return LLaDAMoEModelLM
+    if family == "llada2":
+        from .llada2 import LLaDA2MoeModelLM
+        return LLaDA2MoeModelLM
     get_spec(family)  # raises with the list of families
     raise AssertionError(family)
 
 
 def detect_family(config: dict) -> str:
-    """Family from a config.json dict. LLaDA and LLaDA-MoE both say `model_type: llada`."""
+    """Family from a config.json dict. LLaDA and LLaDA-MoE both say `model_type: llada`; LLaDA2.x
+    also has MoE keys and "LLaDA" in its architecture, so the families that name themselves
+    unambiguously (`FamilySpec.model_types` / `architectures`) are matched first."""
     arch = " ".join(config.get("architectures") or [])
     model_type = str(config.get("model_type", "")).lower()
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types or any(a in spec.architectures for a in config.get("architectures") or []):
+            return spec.name
     if "MoE" in arch or "num_experts" in config or "expert_intermediate_size" in config:
         if model_type in ("llada", "lladamoe", "llada_moe") or "LLaDA" in arch:
             return "llada_moe"
@@ -49,7 +57,7 @@ def detect_family(config: dict) -> str:
         return "dream"
     raise ValueError(
         f"config.json describes model_type={config.get('model_type')!r}, architectures={config.get('architectures')}, "
-        "which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B). "
+        "which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B, LLaDA2.x). "
         "Pass a checkpoint of one of those, or family=... if its config is non-standard."
     )
 
@@ -123,6 +131,7 @@ class Backbone:
         cache=None,
         window: tuple[int, int] | None = None,
         keep: tuple[int, int] | None = None,
+        block_length: int | None = None,
     ) -> torch.Tensor:
         """Logits where position i predicts token i, for every family.
 
@@ -134,6 +143,9 @@ class Backbone:
             window: (start, end) positions to forward; default the whole canvas.
             keep: (start, end) positions whose logits are returned (the LM head runs only there);
                 default the window.
+            block_length: block-causal attention with blocks of this many tokens from each row's
+                first real token (families with `spec.block_causal`, LLaDA2.x); None attends
+                bidirectionally.
 
         Returns:
             FloatTensor [B, keep_end - keep_start, V] in the model dtype.
@@ -150,6 +162,7 @@ class Backbone:
         fs = max(s - shift, 0) if (cache is not None and len(cache)) else 0
         fe = e if (cache is not None and len(cache)) else L
         ra = max(a - shift, 0)
+        extra = {} if block_length is None else {"block_length": block_length}
         raw = self.model(
             input_ids=input_ids[:, fs:fe],
             attention_mask=attention_mask,
@@ -157,6 +170,7 @@ class Backbone:
             use_cache=cache is not None,
             cache_position=fs,
             logits_to_keep=slice(ra - fs, b - fs),
+            **extra,
         ).logits  # raw positions ra .. b-1
         if not shift:
             return raw
@@ -186,12 +200,12 @@ def load_backbone(
     torch_dtype: str | torch.dtype | None = None,
     **model_kwargs,
 ) -> Backbone:
-    """Load a LLaDA / Dream / LLaDA-MoE checkpoint (local dir or hub id) without remote code.
+    """Load a LLaDA / Dream / LLaDA-MoE / LLaDA2.x checkpoint (local dir or hub id) without remote code.
 
     Args:
         pretrained: checkpoint directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or the name of
             a checkpoint shipped in the package (`tiny-llada`, see `lm_eval_dlmem.embedded`).
-        family: `llada`, `dream` or `llada_moe`; inferred from config.json when None.
+        family: `llada`, `dream`, `llada_moe` or `llada2`; inferred from config.json when None.
         dtype: `auto` (the checkpoint's), `bfloat16`, `float16`, `float32` or a torch.dtype.
         device: where to put the model (`cpu`, `cuda`, `cuda:1`); ignored with device_map.
         load_in_4bit / load_in_8bit: bitsandbytes quantisation (NF4 with double quantisation).

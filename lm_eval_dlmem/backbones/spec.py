@@ -40,13 +40,28 @@ LING_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
 )
 
+# LLaDA2.x ships the Ling-2.0 template (tools omitted here): the system turn always exists and
+# carries the thinking switch, a user-given system prompt goes in front of it.
+LLADA2_CHAT_TEMPLATE = (
+    "<role>SYSTEM</role>"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n' }}{% endif %}"
+    "detailed thinking off<|role_end|>"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<role>HUMAN</role>{{ message['content'] }}<|role_end|>"
+    "{% elif message['role'] == 'system' and not loop.first %}<role>SYSTEM</role>{{ message['content'] }}<|role_end|>"
+    "{% elif message['role'] == 'assistant' %}<role>ASSISTANT</role>{{ message['content'] }}<|role_end|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class FamilySpec:
     """What differs between backbone families, as data.
 
     Args:
-        name: family key (`llada`, `dream`, `llada_moe`).
+        name: family key (`llada`, `dream`, `llada_moe`, `llada2`).
         mask_token / mask_id: the [MASK] token string and the official checkpoint's id.
         eos_token / eos_id: end of text.
         eot_token / eot_id: end of turn (chat models), or None.
@@ -56,6 +71,11 @@ class FamilySpec:
             does; LLaDA's forward takes no position ids, so it stays `arange`).
         chat_template: used when the tokenizer ships none (LLaDA Base, tiny checkpoints).
         template_tokens: special tokens the chat template needs as single tokens.
+        model_types / architectures: config.json `model_type` strings and `architectures` entries
+            that name this family unambiguously (`detect_family` checks them before the MoE-key
+            rules that tell LLaDA from LLaDA-MoE).
+        block_causal: attention is block-causal while decoding (LLaDA2.x): the decoder passes its
+            block length to the forward; without one the forward attends bidirectionally.
     """
 
     name: str
@@ -71,6 +91,9 @@ class FamilySpec:
     position_ids_from_mask: bool
     chat_template: str
     template_tokens: tuple[str, ...] = field(default_factory=tuple)
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    block_causal: bool = False
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -151,7 +174,26 @@ LLADA_MOE = FamilySpec(
     template_tokens=("<role>", "</role>", "<|role_end|>"),
 )
 
-FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE)}
+LLADA2 = FamilySpec(
+    name="llada2",
+    mask_token="<|mask|>",
+    mask_id=156895,
+    eos_token="<|endoftext|>",
+    eos_id=156892,
+    eot_token="<|role_end|>",
+    eot_id=None,
+    bos_token=None,
+    bos_id=None,
+    logit_shift=False,
+    position_ids_from_mask=True,
+    chat_template=LLADA2_CHAT_TEMPLATE,
+    template_tokens=("<role>", "</role>", "<|role_end|>"),
+    model_types=("llada2_moe", "llada21_moe", "llada2_moe_21"),
+    architectures=("LLaDA2MoeModelLM",),
+    block_causal=True,
+)
+
+FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE, LLADA2)}
 
 
 def get_spec(family: str) -> FamilySpec:

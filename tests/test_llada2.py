@@ -267,3 +267,136 @@ def test_bidirectional_families_refuse_a_block_length(tmp_path):
     other = load_backbone(path, dtype="float32")
     with pytest.raises(ValueError, match="block_length=4.*attends bidirectionally"):
         _logits(other, torch.zeros(1, 8, dtype=torch.long), block_length=4)
+
+
+# --- samplers: strategy=llada2 / llada21 -----------------------------------------------------
+# Token identity with the official samplers is measured outside the suite (README, Numbers);
+# these tests hold the rules and the batching contract.
+
+from lm_eval_dlmem.decoding import DecodeConfig, generate  # noqa: E402
+from lm_eval_dlmem.decoding.engine import left_pad  # noqa: E402
+
+V, MASK, EOS = 32, 31, 30
+
+
+class CountingMock:
+    """A block-causal stand-in: every position of the active block predicts token
+    10 + (masks left in the canvas) with probability ~0.998, slightly less for later positions (so
+    one-at-a-time commits go left to right); a token placed early is 'wrong' once later masks
+    are filled, and an editing sampler rewrites it."""
+
+    class spec:  # noqa: N801
+        mask_id, eos_id, eot_id, logit_shift, block_causal = MASK, EOS, None, False, True
+        stop_ids = (EOS,)
+
+    family = "mock"
+    tokenizer = None
+    device = torch.device("cpu")
+
+    def logits(self, x, attn=None, *, cache=None, window=None, keep=None, block_length=None):
+        assert block_length is not None
+        a, b = keep
+        left = (x == MASK).sum(-1)  # [B]
+        table = torch.zeros(x.shape[0], b - a, V)
+        table[torch.arange(x.shape[0]), :, (10 + left).clamp_max(29)] = 10.0 - 0.1 * torch.arange(b - a).float()
+        return table
+
+
+def _mock_generate(strategy, **kw):
+    cfg = DecodeConfig(**{"strategy": strategy, "gen_length": 4, "block_length": 4, "steps": 4,
+                          "threshold": 0.999, "stop_early": False, **kw})
+    return generate(CountingMock(), torch.tensor([[1, 2, 3, 4]]), None, cfg)[0].tolist()
+
+
+def test_llada2_commits_one_per_step_below_threshold_and_never_edits():
+    # one token per step (schedule 1,1,1,1; p < 0.999), each predicted with the masks left then
+    assert _mock_generate("llada2") == [14, 13, 12, 11]
+    assert _mock_generate("llada2", threshold=0.9) == [14] * 4  # all four clear 0.9 in the first step
+
+
+def test_llada21_edits_placed_tokens_after_the_masks_are_gone():
+    # the same commits, then post steps rewrite every token to the final prediction (no mask left: 10)
+    assert _mock_generate("llada21", editing_threshold=0.9) == [10] * 4
+    # no post step: the block ends as soon as its last mask is filled; edits during the fill only
+    assert _mock_generate("llada21", editing_threshold=0.9, max_post_steps=0) == [11] * 4
+    assert _mock_generate("llada21", editing_threshold=0.999) == [14, 13, 12, 11]  # nothing clears it
+
+
+def test_block_strategy_configs():
+    assert DecodeConfig(strategy="llada2").threshold == 0.95  # the official default
+    assert DecodeConfig(strategy="llada21").threshold == 0.95
+    assert DecodeConfig(strategy="threshold").threshold == 0.9
+    DecodeConfig(strategy="llada2", gen_length=21, block_length=8, steps=5)  # no multiple needed
+    with pytest.raises(ValueError, match="strategy=llada21 has no cfg_scale=1.0"):
+        DecodeConfig(strategy="llada21", cfg_scale=1.0)
+    with pytest.raises(ValueError, match="editing_threshold=1.5"):
+        DecodeConfig(strategy="llada21", editing_threshold=1.5)
+    with pytest.raises(ValueError, match="max_post_steps=-1"):
+        DecodeConfig(strategy="llada21", max_post_steps=-1)
+
+
+def test_block_strategies_refuse_a_bidirectional_backbone(tmp_path):
+    other = load_backbone(make_tiny_checkpoint("llada_moe", tmp_path / "moe", seed=0), dtype="float32")
+    with pytest.raises(ValueError, match="strategy=llada2 decodes block-causally.*llada_moe"):
+        generate(other, torch.tensor([[1, 2, 3]]), None, DecodeConfig(strategy="llada2", gen_length=4, block_length=4))
+
+
+@pytest.fixture(scope="module")
+def peaked(tmp_path_factory):
+    """Larger initial weights, so probabilities clear thresholds and the editing phase acts."""
+    path = make_tiny_checkpoint("llada2", tmp_path_factory.mktemp("peaked") / "tiny", seed=5, initializer_range=0.25)
+    return load_backbone(path, dtype="float32")
+
+
+PROMPT_LENGTHS = (5, 9, 12, 16, 3)
+BLOCK_CASES = [
+    dict(strategy="llada2", gen_length=21, block_length=8, steps=4, threshold=0.6),
+    dict(strategy="llada2", gen_length=16, block_length=4, steps=2, threshold=0.95),
+    dict(strategy="llada21", gen_length=21, block_length=8, threshold=0.6, editing_threshold=0.5, max_post_steps=2),
+    dict(strategy="llada21", gen_length=16, block_length=4, threshold=0.3, editing_threshold=0.3),
+]
+
+
+def _prompts(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 380, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_batch_equals_its_rows_one_by_one(case, temperature, peaked):
+    """Left-padded rows have their own block geometry (blocks from their own first token) and
+    their own generator: batched output equals each row decoded alone. (Cached windows forward
+    other shapes alone than batched, and on random weights two masked positions of a block can
+    be a 1e-8 near-tie that float order flips; cache modes are compared on one batch below.)"""
+    prompts = _prompts()
+    cfg = DecodeConfig(**case, temperature=temperature, stop_early=False)
+    ids, mask = left_pad(prompts, peaked.spec.eos_id)
+    seeds = [7 + i for i in range(len(prompts))]
+    batched = generate(peaked, ids, mask, cfg, seeds=seeds)
+    for r, p in enumerate(prompts):
+        alone = generate(peaked, torch.tensor([p]), None, cfg, seeds=[seeds[r]])
+        assert batched[r].tolist() == alone[0].tolist(), r
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_cache_modes_are_exact(case, peaked):
+    """Finished blocks never change under block-causal attention: the cached window forwards
+    give the tokens of full forwards, not an approximation."""
+    ids, mask = left_pad(_prompts(1), peaked.spec.eos_id)
+    outs = [generate(peaked, ids, mask, DecodeConfig(**case, cache=c, stop_early=False)).tolist()
+            for c in ("none", "prefix", "dual")]
+    assert outs[0] == outs[1] == outs[2]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_early_exit_keeps_the_text_up_to_the_stop(case, peaked):
+    """Rows leave the batch once a finished block holds EOS/EoT; later blocks cannot change
+    earlier ones, so the text through the stop token is that of the full decode."""
+    ids, mask = left_pad(_prompts(2), peaked.spec.eos_id)
+    full = generate(peaked, ids, mask, DecodeConfig(**case, stop_early=False))
+    early = generate(peaked, ids, mask, DecodeConfig(**case, stop_early=True))
+    stops = set(peaked.spec.stop_ids)
+    for a, b in zip(full.tolist(), early.tolist()):
+        cut = next((i + 1 for i, t in enumerate(a) if t in stops), len(a))
+        assert a[:cut] == b[:cut]

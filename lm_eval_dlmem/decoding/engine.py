@@ -22,7 +22,8 @@ import torch
 
 from ..memory.base import NoMemory
 from .cache import BlockForward
-from .config import DecodeConfig
+from .block_diffusion import generate_blocks
+from .config import BLOCK_STRATEGIES, DecodeConfig
 from .schedule import dream_transfer_counts, dream_transfer_probability, llada_transfer_counts
 from .strategies import RowRandom, dream_commit, llada_commit, threshold_commit
 
@@ -106,6 +107,9 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     if G == 0 or B == 0:
         return out
     seeds = row_seeds(seeds, B, config.seed)
+    if config.strategy in BLOCK_STRATEGIES:
+        return generate_blocks(backbone, input_ids, attention_mask, config, memory, seeds=seeds,
+                               stop_sequences=stop_sequences)
     canvas = Canvas.build(input_ids, attention_mask, G, spec.mask_id)
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
 from .decoding.config import DECODE_RANGES, DecodeConfig
+from .decoding.strategies import REGISTRY
 from .memory.fast_weights import MemDLMConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class DecodeArgs:
     request decides (`max_gen_toks`, one step per token, one block; its temperature/top_p/top_k).
     The others override `DecodeConfig`'s field of the same name and default to it."""
 
-    strategy: str | None = _DECODE.strategy  # none: DecodeConfig's
+    strategy: str | None = None  # none: the family's `default_strategy`, else DecodeConfig's
     gen_length: int | None = None
     steps: int | None = None
     steps_per_block: int | None = None
@@ -102,7 +103,9 @@ class DecodeArgs:
     alg: str = _DECODE.alg
     alg_temp: float | None = _DECODE.alg_temp
     eps: float = _DECODE.eps
-    threshold: float = _DECODE.threshold
+    threshold: float | None = None  # none: the strategy's default (DecodeConfig resolves it)
+    editing_threshold: float = _DECODE.editing_threshold
+    max_post_steps: int = _DECODE.max_post_steps
     cfg_scale: float = _DECODE.cfg_scale
     cache: str = _DECODE.cache
     logits_eos_inf: bool = _DECODE.logits_eos_inf
@@ -255,14 +258,19 @@ def decode_config(args: ModelArgs, max_gen_toks: int, gen_kwargs: dict) -> Decod
     d = args.decode
     gen = d.gen_length or max_gen_toks
     block = d.block_length or gen
-    gen = math.ceil(gen / block) * block
-    blocks = gen // block
+    rounded = math.ceil(gen / block) * block
+    blocks = rounded // block
     if d.steps:
-        steps = min(max(blocks, math.ceil(d.steps / blocks) * blocks), gen)
+        steps = min(max(blocks, math.ceil(d.steps / blocks) * blocks), rounded)
     elif d.steps_per_block:
         steps = blocks * min(d.steps_per_block, block)
     else:
-        steps = gen
+        steps = rounded
+    if d.strategy is not None and REGISTRY[d.strategy].owns_loop:
+        # block diffusion: each row's canvas is whole blocks from its own prompt start (no rounding
+        # of gen here) and `steps` is the official per-block budget
+        steps, rounded = steps // blocks, gen
+    gen = rounded
     temperature = d.temperature if d.temperature is not None else float(gen_kwargs.get("temperature", 0.0))
     top_p = d.top_p if d.top_p is not None else gen_kwargs.get("top_p")
     top_k = d.top_k if d.top_k is not None else gen_kwargs.get("top_k")

@@ -118,14 +118,14 @@ def make_tiny_checkpoint(
     """Write a tiny official-format checkpoint directory for `family` and return its path.
 
     Args:
-        family: `llada`, `dream` or `llada_moe`.
+        family: `llada`, `dream`, `llada_moe` or `llada2`.
         path: output directory (created).
         seed: weights are drawn from torch's generator seeded with this.
         vocab_size: model vocabulary; the tokenizer is padded with reserved tokens to match.
             Default: the tokenizer's size rounded up to a multiple of 64.
         dtype: dtype the weights are stored in.
         **sizes: overrides of the official config keys (e.g. `d_model=128` for LLaDA,
-            `hidden_size=128` for Dream/MoE, `n_layers` / `num_hidden_layers`).
+            `hidden_size=128` for Dream/MoE/LLaDA2, `n_layers` / `num_hidden_layers`).
     """
     spec = get_spec(family)
     check_tiny_sizes(family, {**spec.tiny_sizes, **sizes})
@@ -141,7 +141,14 @@ def make_tiny_checkpoint(
     cls = spec.load_class()
     config = cls.config_class(**config_dict)
     torch.manual_seed(seed)
-    model = cls(config).to(dtype)
+    model = cls(config)
+    with torch.no_grad():
+        # routers' expert biases start at zero; random ones make the biased selection matter
+        # (LLaDA2.x; the tiny LLaDA-MoE has no expert_bias, so its weights are unchanged)
+        for name, buf in model.named_buffers():
+            if name.endswith("expert_bias"):
+                buf.normal_(0.0, 0.1)
+    model = model.to(dtype)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -22,6 +22,7 @@ class MockSpec:
     eos_id: int = EOS
     eot_id: int = EOT
     logit_shift: bool = False
+    block_causal: bool = False  # bidirectional, as the strategies under test expect
 
     @property
     def stop_ids(self):
@@ -375,7 +376,7 @@ def test_every_configured_strategy_is_a_registered_object_with_one_commit_signat
     import inspect
 
     from lm_eval_dlmem.decoding import config as C
-    from lm_eval_dlmem.decoding.strategies import REGISTRY
+    from lm_eval_dlmem.decoding.strategies import REGISTRY, CommitStrategy
 
     assert set(C.STRATEGIES) == set(REGISTRY)
     signatures = {str(inspect.signature(type(s).commit)) for s in REGISTRY.values()}
@@ -383,7 +384,7 @@ def test_every_configured_strategy_is_a_registered_object_with_one_commit_signat
 
     calls = []
 
-    class Spy:
+    class Spy(CommitStrategy):
         stops_when_unmasked = False
 
         def counts(self, n, steps, config):

@@ -36,6 +36,7 @@ class MockSpec:
     eot_id: int = EOT
     bos_id: int = BOS
     logit_shift: bool = False
+    block_causal: bool = False  # bidirectional, as the strategies under test expect
 
     @property
     def stop_ids(self):

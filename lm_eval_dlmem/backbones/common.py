@@ -269,7 +269,8 @@ class DlmPreTrainedModel(PreTrainedModel):
 
     forward(input_ids [B, l], attention_mask [B, L] over the *whole* canvas, position_ids,
     past_key_values: DiffusionCache, use_cache, cache_position: int start of the window,
-    logits_to_keep: int (last n) or slice (positions within the window)).
+    logits_to_keep: int (last n) or slice (positions within the window), block_length: int for
+    block-causal families (LLaDA2.x), None for bidirectional attention).
     """
 
     supports_gradient_checkpointing = True
@@ -328,7 +329,7 @@ class DlmPreTrainedModel(PreTrainedModel):
         if self.gradient_checkpointing and self.training:
             recompute = lambda block, *args: self._gradient_checkpointing_func(block.__call__, *args)  # noqa: E731
         x = self.run_layers(x, attention_mask, position_ids=position_ids, cache=cache, start=start,
-                            recompute=recompute, collect=hidden)
+                            recompute=recompute, collect=hidden, block_length=kwargs.get("block_length"))
         x = self._final_norm(x)
         if hidden is not None:
             hidden.append(x)
@@ -357,6 +358,7 @@ class DlmPreTrainedModel(PreTrainedModel):
         start: int = 0,
         recompute=None,
         collect: list | None = None,
+        block_length: int | None = None,
     ) -> torch.Tensor:
         """Run decoder blocks `start_layer .. end_layer - 1` on x; the one block loop of the model.
 
@@ -369,6 +371,9 @@ class DlmPreTrainedModel(PreTrainedModel):
             recompute: `fn(block, x, cos, sin, key_mask, None, start)` that runs a block under
                 activation checkpointing (the cache is not used then), or None.
             collect: when a list, each block's input is appended to it.
+            block_length: block-causal attention with blocks of this many tokens from each row's
+                first real token (families that override `_attention_mask`, LLaDA2.x); None
+                attends bidirectionally.
 
         Returns:
             [B, l, C] the output of block `end_layer - 1`, before the final norm.
@@ -376,7 +381,9 @@ class DlmPreTrainedModel(PreTrainedModel):
         if position_ids is None:
             position_ids = default_positions(attention_mask, start, x.shape[1], self.position_ids_from_mask, x.device)
         cos, sin = self.rotary(position_ids)
-        key_mask = key_padding_mask(attention_mask)
+        keys = attention_mask.shape[1] if attention_mask is not None else (
+            cache.length if cache is not None and len(cache) else start + x.shape[1])
+        key_mask = self._attention_mask(attention_mask, start, x.shape[1], keys, block_length)
         for block in list(self._blocks())[start_layer:end_layer]:
             if collect is not None:
                 collect.append(x)
@@ -385,6 +392,16 @@ class DlmPreTrainedModel(PreTrainedModel):
             else:
                 x = block(x, cos, sin, key_mask, cache, start)
         return x
+
+    def _attention_mask(self, attention_mask, start: int, length: int, keys: int, block_length: int | None):
+        """SDPA mask for queries [start, start + length) over `keys` key positions: here every
+        real key (bidirectional families); block-causal families override it."""
+        if block_length is not None:
+            raise ValueError(
+                f"block_length={block_length} was passed to {type(self).__name__}, which attends "
+                "bidirectionally; block-causal attention is a LLaDA2.x option. Pass block_length=None."
+            )
+        return key_padding_mask(attention_mask)
 
     # transformers' generate() is autoregressive; diffusion decoding lives in lm_eval_dlmem.decoding.
     def generate(self, *args, **kwargs):

@@ -39,14 +39,19 @@ def detect_family(config: dict) -> str:
             if fits else "Pass a checkpoint of one of those.")
     raise ValueError(
         f"config.json describes model_type={config.get('model_type')!r}, architectures={config.get('architectures')}, "
-        f"which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B). {hint}"
+        f"which is none of the supported families (LLaDA-8B, Dream-v0-7B, LLaDA-MoE-7B-A1B, LLaDA2.x). {hint}"
     )
 
 
 def _declared_family(config: dict) -> str | None:
-    """The family config.json names by model_type / architectures, or None."""
+    """The family config.json names by model_type / architectures, or None. LLaDA2.x also has
+    MoE keys and "LLaDA" in its architecture, so the families that name themselves unambiguously
+    (`FamilySpec.model_types` / `architectures`) are matched first."""
     arch = " ".join(config.get("architectures") or [])
     model_type = str(config.get("model_type", "")).lower()
+    for spec in FAMILIES.values():
+        if model_type in spec.model_types or any(a in spec.architectures for a in config.get("architectures") or []):
+            return spec.name
     if "MoE" in arch or "num_experts" in config or "expert_intermediate_size" in config:
         if model_type in ("llada", "lladamoe", "llada_moe") or "LLaDA" in arch:
             return "llada_moe"
@@ -205,6 +210,7 @@ class Backbone:
         cache=None,
         window: tuple[int, int] | None = None,
         keep: tuple[int, int] | None = None,
+        block_length: int | None = None,
     ) -> torch.Tensor:
         """Logits where position i predicts token i, for every family.
 
@@ -216,6 +222,9 @@ class Backbone:
             window: (start, end) positions to forward; default the whole canvas.
             keep: (start, end) positions whose logits are returned (the LM head runs only there);
                 default the window.
+            block_length: block-causal attention with blocks of this many tokens from each row's
+                first real token (families with `spec.block_causal`, LLaDA2.x); None attends
+                bidirectionally.
 
         Returns:
             FloatTensor [B, keep_end - keep_start, V] in the model dtype.
@@ -227,6 +236,7 @@ class Backbone:
             raise ValueError(f"keep={keep} must lie inside window={window} within a canvas of {L} tokens.")
         fs, fe = self.forwarded(L, window, cached=cache is not None and len(cache) > 0)
         ra = self.source_start(a)
+        extra = {} if block_length is None else {"block_length": block_length}
         raw = self.model(
             input_ids=input_ids[:, fs:fe],
             attention_mask=attention_mask,
@@ -234,6 +244,7 @@ class Backbone:
             use_cache=cache is not None,
             cache_position=fs,
             logits_to_keep=slice(ra - fs, b - fs),
+            **extra,
         ).logits  # raw positions ra .. b-1
         return self.align(raw, attention_mask, start=a)
 
@@ -349,12 +360,12 @@ def load_backbone(
     strict_weights: bool = True,
     **model_kwargs,
 ) -> Backbone:
-    """Load a LLaDA / Dream / LLaDA-MoE checkpoint (local dir or hub id) without remote code.
+    """Load a LLaDA / Dream / LLaDA-MoE / LLaDA2.x checkpoint (local dir or hub id) without remote code.
 
     Args:
         pretrained: checkpoint directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or the name of
             a checkpoint shipped in the package (`tiny-llada`, see `lm_eval_dlmem.embedded`).
-        family: `llada`, `dream` or `llada_moe`; inferred from config.json when None.
+        family: `llada`, `dream`, `llada_moe` or `llada2`; inferred from config.json when None.
         dtype: `auto` (the checkpoint's), `bfloat16`, `float16`, `float32` or a torch.dtype.
         device: where to put the model (`cpu`, `cuda`, `cuda:1`); ignored with device_map.
         load_in_4bit / load_in_8bit: bitsandbytes quantisation (NF4 with double quantisation).

@@ -45,6 +45,21 @@ LING_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
 )
 
+# LLaDA2.x ships the Ling-2.0 template (tools omitted here): the system turn always exists and
+# carries the thinking switch, a user-given system prompt goes in front of it.
+LLADA2_CHAT_TEMPLATE = (
+    "<role>SYSTEM</role>"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\\n' }}{% endif %}"
+    "detailed thinking off<|role_end|>"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<role>HUMAN</role>{{ message['content'] }}<|role_end|>"
+    "{% elif message['role'] == 'system' and not loop.first %}<role>SYSTEM</role>{{ message['content'] }}<|role_end|>"
+    "{% elif message['role'] == 'assistant' %}<role>ASSISTANT</role>{{ message['content'] }}<|role_end|>"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
+
 
 class SizeKeys(NamedTuple):
     """config.json names of the sizes every family has (LLaDA keeps OLMo's names)."""
@@ -60,7 +75,7 @@ class FamilySpec:
     """What differs between backbone families, as data.
 
     Args:
-        name: family key (`llada`, `dream`, `llada_moe`).
+        name: family key (`llada`, `dream`, `llada_moe`, `llada2`).
         mask_token / mask_id: the [MASK] token string and the official checkpoint's id.
         eos_token / eos_id: end of text.
         eot_token / eot_id: end of turn (chat models), or None.
@@ -86,6 +101,13 @@ class FamilySpec:
             (Dream's tokenizer does not add it, its training data starts with it).
         ffn_names: the (gate, up, down) projection names of the family's feed-forward blocks
             (MemDLM `inner_targets=ffn` puts fast weights on them).
+        model_types / architectures: config.json `model_type` strings and `architectures` entries
+            that name this family unambiguously (`detect_family` checks them before the MoE-key
+            rules that tell LLaDA from LLaDA-MoE).
+        block_causal: attention is block-causal while decoding (LLaDA2.x): the decoder passes its
+            block length to the forward; without one the forward attends bidirectionally.
+        default_strategy: the decoding strategy the harness uses when neither the preset nor
+            `strategy=` names one; None = the harness default (`llada`).
     """
 
     name: str
@@ -110,6 +132,10 @@ class FamilySpec:
     max_length_keys: tuple[str, ...] = ("max_sequence_length",)
     bos_by_default: bool = False
     ffn_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    model_types: tuple[str, ...] = ()
+    architectures: tuple[str, ...] = ()
+    block_causal: bool = False
+    default_strategy: str | None = None
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -229,7 +255,40 @@ LLADA_MOE = FamilySpec(
     max_length_keys=("max_sequence_length", "max_position_embeddings"),
 )
 
-FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE)}
+LLADA2 = FamilySpec(
+    name="llada2",
+    mask_token="<|mask|>",
+    mask_id=156895,
+    eos_token="<|endoftext|>",
+    eos_id=156892,
+    eot_token="<|role_end|>",
+    eot_id=None,
+    bos_token=None,
+    bos_id=None,
+    logit_shift=False,
+    chat_template=LLADA2_CHAT_TEMPLATE,
+    template_tokens=("<role>", "</role>", "<|role_end|>"),
+    config_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "num_experts",
+                 "moe_intermediate_size"),
+    model_class="llada2:LLaDA2MoeModelLM",
+    official_config="llada2:official_config",
+    special_tokens=("<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"),
+    # layer 0 dense, layer 1 MoE; 8 experts in 4 groups of which 2 are searched, as in the
+    # released 256-expert / 8-group / top-4-group layout
+    tiny_sizes=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
+                    num_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                    num_shared_experts=1, first_k_dense_replace=1),
+    # the released configs' max_position_embeddings (32768 for LLaDA2.0-mini / 2.1-mini)
+    default_max_length=32768,
+    max_length_keys=("max_position_embeddings",),
+    model_types=("llada2_moe", "llada21_moe", "llada2_moe_21"),
+    architectures=("LLaDA2MoeModelLM",),
+    block_causal=True,
+    default_strategy="llada2",
+)
+
+FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE, LLADA2)}
 
 
 def _import(path: str):

@@ -9,6 +9,9 @@
         rows whose committed prefix holds EOS/EoT or a stop string are finished: they leave the
         batch, their remaining positions become EOS; the loop ends when no row is left.
 
+A strategy with `owns_loop` (LLaDA2.x block diffusion, `block_diffusion.py`) decodes the batch in
+its own `generate` under the same contract; `generate` dispatches to it through the registry.
+
 Shapes: B rows, P padded prompt length, G = gen_length, L = P + G, n = block_length, V vocab.
 Rows never interact: each has its own generator and draws only for its own positions, so a row's
 output does not depend on the batch it is in, on padding, or on rows leaving early.
@@ -24,7 +27,7 @@ from ..memory.base import NoMemory
 from .config import DecodeConfig
 from .forward import BlockForward
 from .seeds import row_seeds
-from .strategies import REGISTRY, RowRandom, StepContext
+from .strategies import REGISTRY, RowRandom, StepContext, check_strategy_fits
 
 
 @dataclass
@@ -106,6 +109,11 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     if G == 0 or B == 0:
         return out
     seeds = check_row_seeds(seeds, B, config.seed)
+    check_strategy_fits(config.strategy, spec)
+    strategy = REGISTRY[config.strategy]
+    if strategy.owns_loop:  # block diffusion (LLaDA2.x): per-row block geometry, its own loop
+        return strategy.generate(backbone, input_ids, attention_mask, config, memory, seeds=seeds,
+                                 stop_sequences=stop_sequences)
     canvas = Canvas.build(input_ids, attention_mask, G, spec.mask_id)
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()

@@ -48,7 +48,8 @@ def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 
 def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Tensor, cfg_scale: float = 0.0,
-                 uncond_mask=None, cache=None, window=None, span=None, keep=None, upcast: bool = False):
+                 uncond_mask=None, cache=None, window=None, span=None, keep=None, upcast: bool = False,
+                 block_length: int | None = None):
     """One forward of `ids` inside the memory's step, with classifier-free guidance.
 
     Args:
@@ -63,6 +64,8 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
         span: the canvas positions the forward covers, for `StepInfo.window` (default all).
         upcast: float32 logits before guidance (the likelihood's precision); False keeps the
             model dtype (the decode strategies choose their own precision).
+        block_length: block-causal attention with blocks of this many tokens (block-causal
+            families, LLaDA2.x decoding); None attends bidirectionally.
 
     Returns:
         logits [B, keep_len, V].
@@ -73,8 +76,9 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
         mask_ratio = torch.cat([mask_ratio, mask_ratio])
     info = StepInfo(step=step, mask_ratio=mask_ratio, window=span or (0, ids.shape[1]), input_ids=ids,
                     full=window is None)
+    blocks = {} if block_length is None else {"block_length": block_length}
     with memory.step(info):
-        logits = backbone.logits(ids, attn, cache=cache, window=window, keep=keep)
+        logits = backbone.logits(ids, attn, cache=cache, window=window, keep=keep, **blocks)
     if upcast:
         logits = logits.float()
     return guide(logits, cfg_scale) if guided else logits

@@ -5,7 +5,9 @@ A strategy is an object of the `Strategy` protocol, registered by name in `REGIS
 the block's logits `[B, n, V]` (n = block length, logits[:, j] predicts block position j), its
 mask `[B, n]` (True where still masked), the step's count k and a `StepContext` to
 `(tokens [B, n], commit [B, n] bool)`; the loop writes `tokens` where `commit` is set. Adding a
-strategy is one class and one entry in `REGISTRY`.
+strategy is one class and one entry in `REGISTRY`. A strategy that cannot be a per-step commit
+over shared columns (LLaDA2.x block diffusion: per-row block geometry, token editing) sets
+`owns_loop` and decodes the batch in its own `generate`; `engine.generate` dispatches to it.
 
 - `llada_commit`: ML-GSAI/LLaDA `generate()`: Gumbel-max in float64, confidence = probability of
   the chosen token (`low_confidence`) or uniform noise (`random`), top-k with the schedule's k.
@@ -331,16 +333,39 @@ class StepContext:
 
 class Strategy(Protocol):
     """How a block is decoded: `counts` per step, then one `commit` per step.
-    `stops_when_unmasked`: the loop skips a block's remaining steps once nothing is masked."""
+
+    Attributes:
+        stops_when_unmasked: the loop skips a block's remaining steps once nothing is masked.
+        block_causal: the strategy decodes with block-causal attention (LLaDA2.x samplers); a
+            family whose `FamilySpec.block_causal` differs is refused (`check_strategy_fits`).
+        default_threshold: the confidence threshold `DecodeConfig(threshold=None)` resolves to.
+        owns_loop: False: `engine.generate`'s block loop calls `counts` / `commit`. True: the
+            strategy decodes the whole batch itself in `generate(backbone, input_ids,
+            attention_mask, config, memory, *, seeds, stop_sequences)` with `engine.generate`'s
+            contract (block diffusion lays each row's blocks out from its own prompt start and
+            edits placed tokens, which a per-step commit over shared columns cannot express).
+    """
 
     stops_when_unmasked: bool
+    block_causal: bool
+    default_threshold: float
+    owns_loop: bool
 
     def counts(self, n: int, steps: int, config) -> list[int]: ...
 
     def commit(self, logits, masked, k: int, step: int, ctx: StepContext): ...
 
 
-class LLaDAStrategy:
+class CommitStrategy:
+    """Defaults of the strategies that only commit inside `engine.generate`'s loop."""
+
+    stops_when_unmasked = False
+    block_causal = False
+    default_threshold = 0.9
+    owns_loop = False
+
+
+class LLaDAStrategy(CommitStrategy):
     """ML-GSAI/LLaDA: the linear schedule's count, low-confidence or random remasking."""
 
     stops_when_unmasked = False
@@ -354,7 +379,7 @@ class LLaDAStrategy:
         return llada_commit(logits, masked, k, ctx.config, ctx.spec, ctx.rng, draw, ctx.spans)
 
 
-class DreamStrategy:
+class DreamStrategy(CommitStrategy):
     """HKUNLP/Dream: its float32 schedule, `origin` coins or confidence top-k."""
 
     stops_when_unmasked = False
@@ -367,7 +392,7 @@ class DreamStrategy:
         return dream_commit(logits, masked, k, p, ctx.config, ctx.spec, ctx.rng, ctx.spans)
 
 
-class ThresholdStrategy:
+class ThresholdStrategy(CommitStrategy):
     """Fast-dLLM: everything above the threshold, at least the LLaDA schedule's count."""
 
     stops_when_unmasked = True
@@ -379,8 +404,64 @@ class ThresholdStrategy:
         return threshold_commit(logits, masked, k, ctx.config, ctx.spec, ctx.rng)
 
 
+class BlockDiffusionStrategy:
+    """LLaDA2.x's samplers (`decoding/block_diffusion.py`): they own their loop (`owns_loop`),
+    attend block-causally and default to the official threshold 0.95.
+
+    Args:
+        edits: False: LLaDA2.0's `LLaDA2Sampler` (per-block step budget, threshold commits or the
+            even schedule's count); True: LLaDA2.1's `LLaDA21Sampler` (at least one commit per
+            step, then the editing phase: `editing_threshold`, `max_post_steps`).
+    """
+
+    stops_when_unmasked = True
+    block_causal = True
+    default_threshold = 0.95
+    owns_loop = True
+
+    def __init__(self, edits: bool):
+        self.edits = edits
+
+    def counts(self, n, steps, config):
+        raise NotImplementedError("block-diffusion strategies decode in their own loop (`generate`).")
+
+    def commit(self, logits, masked, k, step, ctx):
+        raise NotImplementedError("block-diffusion strategies decode in their own loop (`generate`).")
+
+    def generate(self, backbone, input_ids, attention_mask, config, memory=None, *, seeds, stop_sequences=None):
+        from .block_diffusion import generate_blocks  # it imports this module
+
+        return generate_blocks(backbone, input_ids, attention_mask, config, memory, seeds=seeds,
+                               stop_sequences=stop_sequences, edits=self.edits)
+
+
 REGISTRY: dict[str, Strategy] = {
     "llada": LLaDAStrategy(),
     "dream": DreamStrategy(),
     "threshold": ThresholdStrategy(),
+    "llada2": BlockDiffusionStrategy(edits=False),
+    "llada21": BlockDiffusionStrategy(edits=True),
 }
+
+
+def fitting_strategies(spec) -> list[str]:
+    """Registered strategy names whose attention pattern is the family's."""
+    return [name for name, strategy in REGISTRY.items() if strategy.block_causal == spec.block_causal]
+
+
+def check_strategy_fits(strategy: str, spec, arg: str = "strategy") -> None:
+    """Refuse a strategy whose attention pattern is not the family's: a bidirectional strategy on
+    a block-causal backbone (LLaDA2.x) would silently decode with attention it was not trained
+    for; a block-diffusion one on a bidirectional backbone has no block-causal attention to use.
+
+    Raises:
+        ValueError: naming `arg`, the family and the strategies that fit it.
+    """
+    if REGISTRY[strategy].block_causal == spec.block_causal:
+        return
+    kind = "block-causal" if spec.block_causal else "bidirectional"
+    wants = "block-causal" if REGISTRY[strategy].block_causal else "bidirectional"
+    raise ValueError(
+        f"{arg}={strategy} decodes with {wants} attention, but this {spec.name} checkpoint attends "
+        f"{kind}ly; use {arg}= one of {', '.join(fitting_strategies(spec))}."
+    )

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
+from .decoding.strategies import check_strategy_fits
 from .devices import place
 from .memory.build import build_memory
 from .model_args import ModelArgs, decode_config, merge_harness_args
@@ -66,9 +67,26 @@ class DlmLM(TemplateLM):
         self.backbone, self.memory = build_memory(a, backbone)
         self.spec = self.backbone.spec
         self.tokenizer = self.backbone.tokenizer
+        self._resolve_strategy()
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
         self._batch_size = a.batch_size
         self._truncated_warned = 0
+
+    def _resolve_strategy(self) -> None:
+        """Fix the decoding strategy before any request: `strategy=` (or the preset's), else the
+        family's `default_strategy` (LLaDA2.x: `llada2`), else DecodeConfig's; `threshold=None`
+        becomes the strategy's default, so the run fingerprint holds what decoding uses.
+
+        Raises:
+            ValueError: the strategy's attention pattern is not the family's (a bidirectional
+                strategy on LLaDA2.x would decode with attention the model was not trained for).
+        """
+        a = self.args
+        if a.strategy is None:
+            a.strategy = self.spec.default_strategy or DecodeConfig.strategy
+        check_strategy_fits(a.strategy, self.spec, arg=a.typed_names.get("strategy", "strategy"))
+        if a.threshold is None:
+            a.threshold = DecodeConfig.default_threshold(a.strategy)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

@@ -107,3 +107,50 @@ def test_rolling_honours_likelihood_cfg(tiny_ckpts):
     plain = rolling(make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4), TEXTS[:1])
     guided = rolling(make_lm(tiny_ckpts["llada"], mc_num=4, mc_batch_size=4, likelihood_cfg=0.5), TEXTS[:1])
     assert guided[0] != pytest.approx(plain[0], abs=1e-3)
+
+
+# ---- LLaDA2.x through the generic model ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def llada2_ckpt(tmp_path_factory):
+    from lm_eval_dlmem.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("llada2", tmp_path_factory.mktemp("tiny-llada2") / "llada2", seed=5,
+                                initializer_range=0.25)
+
+
+def test_dlm_decodes_llada2_with_its_family_sampler_and_batching_changes_nothing(llada2_ckpt):
+    """Kills: the generic model decoding a block-causal checkpoint with the bidirectional
+    default `llada` (no error, wrong attention), and a batch that changes a row's answer."""
+    reqs = [Instance("generate_until", doc={}, arguments=(ctx, {"until": [], "max_gen_toks": 10}), idx=0)
+            for ctx in ("one two three", "apple banana cherry table chair window")]
+    answers = []
+    for batch_size in (1, 2):
+        lm = make_lm(llada2_ckpt, "DlmLM", block_length=4, batch_size=batch_size)
+        assert (lm.args.strategy, lm.args.threshold) == ("llada2", 0.95)
+        answers.append(lm.generate_until(reqs, disable_tqdm=True))
+    assert answers[0] == answers[1]
+    assert all(isinstance(a, str) for a in answers[0])
+
+
+@pytest.mark.parametrize("cls_name, args", [("DlmLM", {"strategy": "llada"}), ("DlmLM", {"strategy": "threshold"}),
+                                            ("MetaStateLLaDA", {})])
+def test_a_bidirectional_strategy_is_refused_on_llada2(llada2_ckpt, cls_name, args):
+    with pytest.raises(ValueError, match=r"strategy=\w+ decodes with bidirectional attention, but this llada2 "
+                                         r"checkpoint attends block-causally; use strategy= one of llada2, llada21"):
+        make_lm(llada2_ckpt, cls_name, **args)
+
+
+def test_llada2_strategies_are_refused_on_a_bidirectional_family(tiny_ckpts):
+    with pytest.raises(ValueError, match="strategy=llada21 decodes with block-causal attention.*llada_moe"):
+        make_lm(tiny_ckpts["llada_moe"], "DlmLM", strategy="llada21")
+
+
+def test_block_diffusion_requests_keep_gen_length_and_get_a_per_block_step_budget():
+    """The LLaDA2.x samplers lay blocks from each prompt's start and count steps per block (the
+    official steps_per_block): the harness neither rounds the canvas nor passes total steps."""
+    from lm_eval_dlmem.model_args import ModelArgs, decode_config
+
+    for typed, per_block in (({"steps": 8}, 3), ({"steps_per_block": 4}, 4), ({}, 8)):
+        args = ModelArgs.from_kwargs(pretrained="x", strategy="llada2", block_length=8, **typed)
+        cfg = decode_config(args, 20, {})
+        assert (cfg.gen_length, cfg.steps, cfg.block_length) == (20, per_block, 8), typed

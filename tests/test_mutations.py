@@ -176,6 +176,15 @@ def test_rolling_score_is_the_sum_of_its_windows():
 
 
 # ---- the harness: what reaches the decoder ---------------------------------------------------
+def set_arg(monkeypatch, lm, name, value):
+    """Patch one model arg where it lives (its group in `ModelArgs`): monkeypatch must see a
+    plain attribute to restore it (pytest >= 9.2 deletes attributes it found only through
+    `__getattr__`)."""
+    from lm_eval_dlmem.model_args import GROUP_OF
+
+    monkeypatch.setattr(getattr(lm.args, GROUP_OF[name]), name, value)
+
+
 @pytest.fixture(scope="module")
 def tiny_lm():
     from lm_eval_dlmem.harness import MetaStateLLaDA
@@ -215,8 +224,8 @@ def test_generation_prompts_are_cut_on_the_side_asked_for(tiny_lm, monkeypatch, 
         return torch.full((input_ids.shape[0], config.gen_length), backbone.spec.eos_id)
 
     monkeypatch.setattr(engine, "generate", fake_generate)
-    monkeypatch.setattr(tiny_lm.args, "block_length", 4)
-    monkeypatch.setattr(tiny_lm.args, "truncation_side", side)
+    set_arg(monkeypatch, tiny_lm, "block_length", 4)
+    set_arg(monkeypatch, tiny_lm, "truncation_side", side)
     prompt = " ".join(f"word{i}" for i in range(40))
     gen = {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}
     tiny_lm.generate_until([Instance("generate_until", doc={}, arguments=(prompt, gen), idx=0)], disable_tqdm=True)
@@ -236,13 +245,13 @@ def test_a_tasks_top_p_and_top_k_reach_the_sampler(tiny_lm, monkeypatch):
     real_p, real_k = strategies.filter_top_p, strategies.filter_top_k
     monkeypatch.setattr(strategies, "filter_top_p", lambda l, p: seen["top_p"].add(p) or real_p(l, p))
     monkeypatch.setattr(strategies, "filter_top_k", lambda l, k: seen["top_k"].add(k) or real_k(l, k))
-    monkeypatch.setattr(tiny_lm.args, "strategy", "dream")
-    monkeypatch.setattr(tiny_lm.args, "block_length", 4)  # the preset's 32 would not fit max_length=16
+    set_arg(monkeypatch, tiny_lm, "strategy", "dream")
+    set_arg(monkeypatch, tiny_lm, "block_length", 4)  # the preset's 32 would not fit max_length=16
     gen = {"until": ["\n"], "max_gen_toks": 4, "do_sample": True, "temperature": 1.0, "top_p": 0.5, "top_k": 3}
     request = [Instance("generate_until", doc={}, arguments=("The grass is", gen), idx=0)]
     tiny_lm.generate_until(request, disable_tqdm=True)
     assert seen == {"top_p": {0.5}, "top_k": {3}}
-    monkeypatch.setattr(tiny_lm.args, "top_p", 0.9)  # README: model-arg values override the task's
+    set_arg(monkeypatch, tiny_lm, "top_p", 0.9)  # README: model-arg values override the task's
     seen["top_p"].clear()
     tiny_lm.generate_until(request, disable_tqdm=True)
     assert seen["top_p"] == {0.9}

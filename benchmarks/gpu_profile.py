@@ -10,14 +10,24 @@ gpu_check.py (same random model); a diagnostic, not a benchmark figure.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import gpu_check as gc  # noqa: E402
+
+def _load_gpu_check():
+    """gpu_check.py beside this file (benchmarks/ is not a package): the same random model."""
+    spec = importlib.util.spec_from_file_location("gpu_check", Path(__file__).with_name("gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load_gpu_check()
 
 
 def main() -> None:

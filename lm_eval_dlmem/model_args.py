@@ -28,12 +28,13 @@ HARNESS_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
 # Keys that only make sense for HFLM's backends; accepted for compatibility with HFLM commands
 # but rejected with an explanation when they would change behaviour.
 REJECTED = {
-    "trust_remote_code": "lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code; remote code is never run. "
-    "Drop trust_remote_code (and --trust_remote_code).",
-    "peft": "use adapter=PATH_OR_HUB_ID to apply a PEFT LoRA adapter.",
     "backend": "diffusion models are neither causal nor seq2seq; drop backend=.",
 }
-ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype",
+# Accepted and ignored, with one warning saying why (official LLaDA/Dream commands carry it;
+# lm-eval's --trust_remote_code also adds it to the model args).
+TRUST_REMOTE_CODE_WARNING = ("trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE "
+                             "code, so no remote code is run.")
+ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype", "peft": "adapter",
            "max_new_tokens": "gen_length", "block_size": "block_length", "diffusion_steps": "steps",
            "is_check_greedy": "check_greedy", "use_cache": "cache_legacy"}
 # Every numeric model arg and the values it may take; None (unset) is always allowed. Decoding
@@ -205,9 +206,11 @@ class ModelArgs:
             key = ALIASES.get(typed_key, typed_key)
             if key != typed_key:
                 typed[key] = typed_key
+            if key == "trust_remote_code":
+                if _cast(key, value, bool):
+                    log.warning(TRUST_REMOTE_CODE_WARNING)
+                continue
             if key in REJECTED:
-                if key == "trust_remote_code" and not value:
-                    continue
                 raise ValueError(f"Model arg {key}={value!r} is not supported: {REJECTED[key]}")
             if key == "cache_legacy":  # Fast-dLLM's use_cache=True,dual_cache=True spelling
                 if value:

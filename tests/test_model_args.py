@@ -30,11 +30,28 @@ def test_malformed_value_is_named():
         ModelArgs.from_kwargs(pretrained="x", steps=2.5)
 
 
-def test_trust_remote_code_rejected_with_reason():
-    with pytest.raises(ValueError, match="remote code is never run"):
+def test_trust_remote_code_is_accepted_with_one_warning_saying_no_remote_code_runs(caplog):
+    """Official LLaDA/Dream commands carry trust_remote_code=True (and lm-eval's --trust_remote_code
+    adds it to the model args): accepted, with one warning; False says nothing."""
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
         ModelArgs.from_kwargs(pretrained="x", trust_remote_code=True)
-    # False is harmless and accepted (HFLM command lines often carry it)
-    ModelArgs.from_kwargs(pretrained="x", trust_remote_code=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code, "
+        "so no remote code is run."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
+        ModelArgs.from_kwargs(pretrained="x", trust_remote_code="false")
+    assert caplog.records == []
+    with pytest.raises(ValueError, match="trust_remote_code='maybe' is malformed: expected bool"):
+        ModelArgs.from_kwargs(pretrained="x", trust_remote_code="maybe")
+
+
+def test_peft_is_hflms_name_for_adapter():
+    a = ModelArgs.from_kwargs(pretrained="x", peft="org/lora")
+    assert a.adapter == "org/lora"
+    assert ModelArgs.from_kwargs(pretrained="x", peft="none").adapter is None
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ModelArgs.from_kwargs(pretrained="x", peft="org/lora", metastate="ckpt")
 
 
 def test_pretrained_required_and_memory_exclusive():

@@ -66,7 +66,7 @@ def test_wrong_or_missing_pretrained(args, error, message, monkeypatch):
     ({"steps": "many"}, "steps='many' is malformed: expected int"),
     ({"stop_early": "maybe"}, "stop_early='maybe' is malformed: expected bool"),
     ({"truncation_side": "top"}, "truncation_side='top'; choose middle, left or right"),
-    ({"trust_remote_code": True}, "remote code is never run"),
+    ({"backend": "causal"}, "neither causal nor seq2seq"),
     ({"metastate": "x", "inner_steps": 2}, "cannot be combined"),
     ({"batch_size": "0"}, "batch_size=0 must be a positive integer or 'auto'"),
 ])
@@ -342,3 +342,14 @@ def test_ruler_and_babilong_data_generation_show_a_progress_bar(tiny_ckpts, monk
     babilong.load("qa1", "0k", pretrained=tiny_ckpts["llada"], num_samples=2, babilong_source="generate", seed=11)
     assert [(b.desc, b.total, b.n) for b in bars] == [
         ("Generating RULER vt at 1024 tokens", 3, 3), ("Generating BABILong qa1 at 0 tokens", 2, 2)]
+
+
+def test_official_commands_trust_remote_code_builds_the_model_with_one_warning(tiny_ckpts, caplog):
+    """`--model_args ...,trust_remote_code=True` (or lm-eval's --trust_remote_code, which adds it)
+    builds the model; one warning says no remote code is run."""
+    with caplog.at_level(logging.WARNING):
+        lm = make_lm(tiny_ckpts["llada"], trust_remote_code=True)
+    assert lm.args.pretrained == tiny_ckpts["llada"]
+    assert [r.getMessage() for r in caplog.records if "remote code" in r.getMessage()] == [
+        "trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code, "
+        "so no remote code is run."]

@@ -27,8 +27,13 @@ HARNESS_KEYS = {"batch_size", "max_batch_size", "device"}
 HARNESS_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
 # Keys that only make sense for HFLM's backends; accepted for compatibility with HFLM commands
 # but rejected with an explanation when they would change behaviour.
+_NO_OFFLOAD = ("CPU/disk offload is not supported (every layer must sit on a GPU); to fit a large model use "
+               "load_in_4bit=True or load_in_8bit=True, or parallelize=True to spread it over the visible GPUs.")
 REJECTED = {
     "backend": "diffusion models are neither causal nor seq2seq; drop backend=.",
+    "max_memory_per_gpu": _NO_OFFLOAD,
+    "max_cpu_memory": _NO_OFFLOAD,
+    "offload_folder": _NO_OFFLOAD,
 }
 # Accepted and ignored, with one warning saying why (official LLaDA/Dream commands carry it;
 # lm-eval's --trust_remote_code also adds it to the model args).
@@ -195,6 +200,10 @@ class ModelArgs:
         for name, allowed in RANGES.items():
             allowed.check(self.typed_names.get(name, name), getattr(self, name))
         check_batch_size(self.typed_names.get("batch_size", "batch_size"), self.batch_size)
+        if str(self.batch_size).startswith("auto:"):
+            log.warning("batch_size=%s: the N of auto:N is ignored. batch_size=auto is never recomputed: it "
+                        "starts at max_batch_size (default 64) and halves on out-of-memory for the rest of "
+                        "the run.", self.batch_size)
 
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
@@ -212,6 +221,13 @@ class ModelArgs:
                 continue
             if key in REJECTED:
                 raise ValueError(f"Model arg {key}={value!r} is not supported: {REJECTED[key]}")
+            if key == "device_map":  # HFLM's spelling of parallelize=True
+                if str(value).strip().lower() != "auto":
+                    raise ValueError(f"Model arg device_map={value!r} is not supported: only device_map=auto "
+                                     "(= parallelize=True, one model over the visible GPUs); for one device "
+                                     "pass device= (or --device).")
+                values["parallelize"] = True
+                continue
             if key == "cache_legacy":  # Fast-dLLM's use_cache=True,dual_cache=True spelling
                 if value:
                     values.setdefault("cache", "prefix")

@@ -89,3 +89,27 @@ def test_memdlm_switches_default_to_the_released_code_and_reach_the_inner_loop_c
     assert "inner_targets" in a.fingerprint_fields() and "inner_adapter_dropout" in a.fingerprint_fields()
     with pytest.raises(ValueError, match=r"inner_targets='all'; choose one of \('released', 'ffn'\)"):
         MemDLMConfig(inner_targets="all")
+
+
+def test_hflm_big_model_args_map_to_parallelize_or_name_what_to_use():
+    """HFLM's device_map=auto is our parallelize=True; other device maps and CPU/disk offload are
+    refused naming the arg and what fits a large model instead (not 'Unknown model arg')."""
+    assert ModelArgs.from_kwargs(pretrained="x", device_map="auto").parallelize is True
+    with pytest.raises(ValueError, match=r"device_map='cuda:1' is not supported: only device_map=auto.*device="):
+        ModelArgs.from_kwargs(pretrained="x", device_map="cuda:1")
+    for key, value in [("max_memory_per_gpu", "20GB"), ("max_cpu_memory", "100GB"), ("offload_folder", "/tmp/o")]:
+        with pytest.raises(ValueError, match=rf"Model arg {key}='{value}' is not supported: CPU/disk offload.*"
+                                             "load_in_4bit=True"):
+            ModelArgs.from_kwargs(pretrained="x", **{key: value})
+
+
+def test_batch_size_auto_n_warns_that_n_is_not_honoured(caplog):
+    """lm-eval's auto:N recomputes the batch size N times; ours never recomputes, so N would be
+    silently dropped: one warning says so. Plain auto and integers say nothing."""
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
+        ModelArgs.from_kwargs(pretrained="x", batch_size="auto")
+        ModelArgs.from_kwargs(pretrained="x", batch_size=8)
+        assert caplog.records == []
+        ModelArgs.from_kwargs(pretrained="x", batch_size="auto:4")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("batch_size=auto:4: the N of auto:N is ignored.")

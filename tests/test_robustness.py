@@ -353,3 +353,21 @@ def test_official_commands_trust_remote_code_builds_the_model_with_one_warning(t
     assert [r.getMessage() for r in caplog.records if "remote code" in r.getMessage()] == [
         "trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code, "
         "so no remote code is run."]
+
+
+def test_gen_kwargs_decoding_does_not_use_are_named_in_one_warning(tiny_ckpts, caplog):
+    """--gen_kwargs repetition_penalty=1.2 (or a task's num_beams) must not vanish silently: one
+    warning names each ignored key once per model, however many batches carry it."""
+    lm = make_lm(tiny_ckpts["llada"], batch_size=1)
+    gk = {**GEN, "repetition_penalty": 1.2, "num_beams": 2, "temperature": 0.0}
+    with caplog.at_level(logging.WARNING):
+        lm.generate_until(gen_requests(["a", "b"], gk), disable_tqdm=True)
+        lm.generate_until(gen_requests(["c"], {**gk, "length_penalty": 1.0}), disable_tqdm=True)
+    ignored = [r.getMessage() for r in caplog.records if "are ignored" in r.getMessage()]
+    assert len(ignored) == 2, ignored
+    assert ignored[0].startswith("gen_kwargs num_beams, repetition_penalty are ignored")
+    assert ignored[1].startswith("gen_kwargs length_penalty are ignored")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lm.generate_until(gen_requests(["d"], {**GEN, "temperature": 0.5, "top_p": 0.9, "top_k": 5}), disable_tqdm=True)
+    assert not [r for r in caplog.records if "are ignored" in r.getMessage()]

@@ -371,3 +371,14 @@ def test_gen_kwargs_decoding_does_not_use_are_named_in_one_warning(tiny_ckpts, c
     with caplog.at_level(logging.WARNING):
         lm.generate_until(gen_requests(["d"], {**GEN, "temperature": 0.5, "top_p": 0.9, "top_k": 5}), disable_tqdm=True)
     assert not [r for r in caplog.records if "are ignored" in r.getMessage()]
+
+
+def test_add_bos_token_default_is_the_familys_as_the_readme_says(tiny_ckpts):
+    """README: add_bos_token defaults to True for Dream and False for the others (it used to say
+    'tokenizer default', which the code never did); True prepends BOS for LLaDA too."""
+    lm = make_lm(tiny_ckpts["llada"])
+    bos = lm.spec.bos_id
+    assert bos is not None and lm.tok_encode("The grass is green.")[0] != bos
+    assert make_lm(tiny_ckpts["llada"], add_bos_token=True).tok_encode("The grass is green.")[0] == bos
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    assert "| `add_bos_token` | Dream: True, others: False |" in readme

@@ -62,6 +62,55 @@ def register() -> None:
             model_registry.register(name, target=target)
 
 
+REGISTRY_MODULE = "lm_eval.api.registry"
+
+
+def register_when_lm_eval_loads() -> None:
+    """Register our names now if lm-eval's registry is loaded, else right after it loads.
+
+    Called by `import lm_eval_dlmem`: importing lm-eval costs ~30 ms and the package is also
+    imported at start-up by our .pth line in processes that merely mention lm_eval (`pip install
+    lm_eval`), so the package never imports lm-eval itself; a one-shot import hook registers as
+    soon as anything imports `lm_eval.api.registry` (simple_evaluate, get_model, the CLI)."""
+    if REGISTRY_MODULE in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+class _RegisterAfterImport:
+    """Meta-path finder for `lm_eval.api.registry` only: lets the normal finders locate it and
+    wraps its loader so that `register()` runs once the module has executed. Removes itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != REGISTRY_MODULE:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader:
+    """Delegates to lm-eval's loader, then registers our names in the freshly executed registry."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        register()
+
+    def __getattr__(self, name):  # get_resource_reader, get_source, ... as lm-eval's loader has them
+        return getattr(self.loader, name)
+
+
 def _autoload() -> None:
     flag = os.environ.get("LM_EVAL_DLMEM_AUTOLOAD")
     if flag == "0":

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 LIKELIHOOD_CHUNK = 64  # requests per likelihood call: results reach the --use_cache db per chunk
 
 
+# generate_until's gen_kwargs keys (after lm-eval's normalize_gen_kwargs) that decoding reads
+USED_GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"})
+
+
 class DlmLM(TemplateLM):
     """lm-eval LM for discrete diffusion backbones, optionally with memory.
 
@@ -71,6 +75,7 @@ class DlmLM(TemplateLM):
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
         self._batch_size = a.batch_size
         self._truncated_warned = 0
+        self._ignored_gen_kwargs: set[str] = set()  # named once each in a warning
 
     def _resolve_strategy(self) -> None:
         """Fix the decoding strategy before any request: `strategy=` (or the preset's), else the
@@ -225,10 +230,20 @@ class DlmLM(TemplateLM):
                         self._truncated_warned, self.args.truncation_side)
         return collator.get_original(results)
 
+    def _warn_ignored_gen_kwargs(self, gen_kwargs: dict) -> None:
+        """One warning naming the task's / --gen_kwargs keys that diffusion decoding does not use
+        (repetition_penalty, num_beams, ...), instead of dropping them silently; each key once."""
+        ignored = sorted(set(gen_kwargs) - USED_GEN_KWARGS - self._ignored_gen_kwargs)
+        if ignored:
+            self._ignored_gen_kwargs.update(ignored)
+            log.warning("gen_kwargs %s are ignored: diffusion decoding uses only %s (set steps, block_length, "
+                        "strategy, ... as model args).", ", ".join(ignored), ", ".join(sorted(USED_GEN_KWARGS)))
+
     def _generate_chunk(self, chunk, encoded, repeats, generate) -> list[str]:
         gen_kwargs = normalize_gen_kwargs(chunk[0][1][1], default_max_gen_toks=256)
         eos_text = self.tokenizer.decode([self.spec.eos_id], skip_special_tokens=False)
         until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
+        self._warn_ignored_gen_kwargs(gen_kwargs)
         max_gen = int(gen_kwargs.get("max_gen_toks", 256))
         if max_gen <= 0 and not self.args.gen_length:
             return [""] * len(chunk)

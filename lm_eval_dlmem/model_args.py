@@ -27,13 +27,19 @@ HARNESS_KEYS = {"batch_size", "max_batch_size", "device"}
 HARNESS_DEFAULTS = {"batch_size": 1, "max_batch_size": None, "device": "cuda:0"}
 # Keys that only make sense for HFLM's backends; accepted for compatibility with HFLM commands
 # but rejected with an explanation when they would change behaviour.
+_NO_OFFLOAD = ("CPU/disk offload is not supported (every layer must sit on a GPU); to fit a large model use "
+               "load_in_4bit=True or load_in_8bit=True, or parallelize=True to spread it over the visible GPUs.")
 REJECTED = {
-    "trust_remote_code": "lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code; remote code is never run. "
-    "Drop trust_remote_code (and --trust_remote_code).",
-    "peft": "use adapter=PATH_OR_HUB_ID to apply a PEFT LoRA adapter.",
     "backend": "diffusion models are neither causal nor seq2seq; drop backend=.",
+    "max_memory_per_gpu": _NO_OFFLOAD,
+    "max_cpu_memory": _NO_OFFLOAD,
+    "offload_folder": _NO_OFFLOAD,
 }
-ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype",
+# Accepted and ignored, with one warning saying why (official LLaDA/Dream commands carry it;
+# lm-eval's --trust_remote_code also adds it to the model args).
+TRUST_REMOTE_CODE_WARNING = ("trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE "
+                             "code, so no remote code is run.")
+ALIASES = {"cfg": "cfg_scale", "model_path": "pretrained", "torch_dtype": "dtype", "peft": "adapter",
            "max_new_tokens": "gen_length", "block_size": "block_length", "diffusion_steps": "steps",
            "is_check_greedy": "check_greedy", "use_cache": "cache_legacy"}
 # Every numeric model arg and the values it may take; None (unset) is always allowed. Decoding
@@ -194,6 +200,10 @@ class ModelArgs:
         for name, allowed in RANGES.items():
             allowed.check(self.typed_names.get(name, name), getattr(self, name))
         check_batch_size(self.typed_names.get("batch_size", "batch_size"), self.batch_size)
+        if str(self.batch_size).startswith("auto:"):
+            log.warning("batch_size=%s: the N of auto:N is ignored. batch_size=auto is never recomputed: it "
+                        "starts at max_batch_size (default 64) and halves on out-of-memory for the rest of "
+                        "the run.", self.batch_size)
 
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
@@ -205,10 +215,19 @@ class ModelArgs:
             key = ALIASES.get(typed_key, typed_key)
             if key != typed_key:
                 typed[key] = typed_key
+            if key == "trust_remote_code":
+                if _cast(key, value, bool):
+                    log.warning(TRUST_REMOTE_CODE_WARNING)
+                continue
             if key in REJECTED:
-                if key == "trust_remote_code" and not value:
-                    continue
                 raise ValueError(f"Model arg {key}={value!r} is not supported: {REJECTED[key]}")
+            if key == "device_map":  # HFLM's spelling of parallelize=True
+                if str(value).strip().lower() != "auto":
+                    raise ValueError(f"Model arg device_map={value!r} is not supported: only device_map=auto "
+                                     "(= parallelize=True, one model over the visible GPUs); for one device "
+                                     "pass device= (or --device).")
+                values["parallelize"] = True
+                continue
             if key == "cache_legacy":  # Fast-dLLM's use_cache=True,dual_cache=True spelling
                 if value:
                     values.setdefault("cache", "prefix")

@@ -174,3 +174,43 @@ def test_dependencies_we_reach_into_are_bounded_to_the_tested_versions(package):
     (req,) = [Requirement(d) for d in deps if Requirement(d).name == package]
     assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{req} has no upper bound"
     assert req.specifier.contains(version(package)), f"installed {package} {version(package)} is outside {req}"
+
+
+# A plain script: the .pth autoload is off, so only `import lm_eval_dlmem` can register the names.
+_SCRIPT = textwrap.dedent("""
+    IMPORTS
+    import json
+    from lm_eval.tasks import TaskManager
+    from lm_eval_dlmem.tasks import tasks_path
+    tm = TaskManager(include_path=tasks_path(), include_defaults=False)
+    out = lm_eval.simple_evaluate(model="metastate-llada", model_args="pretrained=tiny-llada",
+                                  tasks=["dlmem_demo_gen"], limit=2, device="cpu", task_manager=tm)
+    print(json.dumps(sorted(out["results"]["dlmem_demo_gen"])))
+""")
+
+
+@pytest.mark.parametrize("imports", ["import lm_eval, lm_eval_dlmem", "import lm_eval_dlmem, lm_eval",
+                                     "import lm_eval.api.registry, lm_eval_dlmem, lm_eval"])
+def test_import_registers_the_names_for_simple_evaluate_from_a_plain_script(imports):
+    """`lm_eval.simple_evaluate(model="metastate-llada")` from `python -c` (a script, a notebook):
+    not the lm-eval CLI, so the start-up autoload stays out and `import lm_eval_dlmem` must register,
+    whether lm-eval's registry is loaded before or after it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LM_EVAL_DLMEM")}
+    env.update(LM_EVAL_DLMEM_AUTOLOAD="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([REPO, env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _SCRIPT.replace("IMPORTS", imports)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "exact_match,strip" in json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_package_stays_cheap():
+    """`import lm_eval_dlmem` imports neither lm-eval nor torch (nor our model code); the names
+    are registered when lm-eval's registry loads."""
+    code = ("import sys, lm_eval_dlmem; heavy = [m for m in ('lm_eval', 'torch', 'transformers', "
+            "'lm_eval_dlmem.harness') if m in sys.modules]; "
+            "from lm_eval.api.registry import model_registry as r; "
+            "print(sorted(set(lm_eval_dlmem._autoload.MODELS) - set(r)), heavy)")
+    env = {**os.environ, "LM_EVAL_DLMEM_AUTOLOAD": "0", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] []"

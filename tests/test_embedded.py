@@ -41,6 +41,22 @@ def test_base_loads_offline_in_float32(monkeypatch):
     assert backbone.logits(ids).shape == (1, ids.shape[1], backbone.config.vocab_size)
 
 
+def test_tokenizer_arg_resolves_embedded_names_like_pretrained(monkeypatch, tmp_path):
+    """`tokenizer=tiny-llada` is the shipped tokenizer, not a hub id to look up (which failed
+    offline with a misleading 'could not load a tokenizer' error)."""
+    import shutil
+
+    from lm_eval_dlmem.backbones.loading import load_backbone
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "weights"  # the checkpoint without its tokenizer files
+    shutil.copytree(resolve_embedded("tiny-llada"), weights,
+                    ignore=lambda _d, names: [n for n in names if n.startswith(("tokenizer", "special_tokens"))])
+    backbone = load_backbone(str(weights), tokenizer="tiny-llada")
+    assert backbone.tokenizer.convert_ids_to_tokens(backbone.spec.mask_id) == "<|mdm_mask|>"
+
+
 def test_memories_load_onto_the_base(monkeypatch):
     from lm_eval_dlmem.backbones.loading import load_backbone
     from lm_eval_dlmem.memory.adapters import apply_adapter

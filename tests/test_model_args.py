@@ -30,11 +30,28 @@ def test_malformed_value_is_named():
         ModelArgs.from_kwargs(pretrained="x", steps=2.5)
 
 
-def test_trust_remote_code_rejected_with_reason():
-    with pytest.raises(ValueError, match="remote code is never run"):
+def test_trust_remote_code_is_accepted_with_one_warning_saying_no_remote_code_runs(caplog):
+    """Official LLaDA/Dream commands carry trust_remote_code=True (and lm-eval's --trust_remote_code
+    adds it to the model args): accepted, with one warning; False says nothing."""
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
         ModelArgs.from_kwargs(pretrained="x", trust_remote_code=True)
-    # False is harmless and accepted (HFLM command lines often carry it)
-    ModelArgs.from_kwargs(pretrained="x", trust_remote_code=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code, "
+        "so no remote code is run."]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
+        ModelArgs.from_kwargs(pretrained="x", trust_remote_code="false")
+    assert caplog.records == []
+    with pytest.raises(ValueError, match="trust_remote_code='maybe' is malformed: expected bool"):
+        ModelArgs.from_kwargs(pretrained="x", trust_remote_code="maybe")
+
+
+def test_peft_is_hflms_name_for_adapter():
+    a = ModelArgs.from_kwargs(pretrained="x", peft="org/lora")
+    assert a.adapter == "org/lora"
+    assert ModelArgs.from_kwargs(pretrained="x", peft="none").adapter is None
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ModelArgs.from_kwargs(pretrained="x", peft="org/lora", metastate="ckpt")
 
 
 def test_pretrained_required_and_memory_exclusive():
@@ -72,3 +89,27 @@ def test_memdlm_switches_default_to_the_released_code_and_reach_the_inner_loop_c
     assert "inner_targets" in a.fingerprint_fields() and "inner_adapter_dropout" in a.fingerprint_fields()
     with pytest.raises(ValueError, match=r"inner_targets='all'; choose one of \('released', 'ffn'\)"):
         MemDLMConfig(inner_targets="all")
+
+
+def test_hflm_big_model_args_map_to_parallelize_or_name_what_to_use():
+    """HFLM's device_map=auto is our parallelize=True; other device maps and CPU/disk offload are
+    refused naming the arg and what fits a large model instead (not 'Unknown model arg')."""
+    assert ModelArgs.from_kwargs(pretrained="x", device_map="auto").parallelize is True
+    with pytest.raises(ValueError, match=r"device_map='cuda:1' is not supported: only device_map=auto.*device="):
+        ModelArgs.from_kwargs(pretrained="x", device_map="cuda:1")
+    for key, value in [("max_memory_per_gpu", "20GB"), ("max_cpu_memory", "100GB"), ("offload_folder", "/tmp/o")]:
+        with pytest.raises(ValueError, match=rf"Model arg {key}='{value}' is not supported: CPU/disk offload.*"
+                                             "load_in_4bit=True"):
+            ModelArgs.from_kwargs(pretrained="x", **{key: value})
+
+
+def test_batch_size_auto_n_warns_that_n_is_not_honoured(caplog):
+    """lm-eval's auto:N recomputes the batch size N times; ours never recomputes, so N would be
+    silently dropped: one warning says so. Plain auto and integers say nothing."""
+    with caplog.at_level("WARNING", logger="lm_eval_dlmem.model_args"):
+        ModelArgs.from_kwargs(pretrained="x", batch_size="auto")
+        ModelArgs.from_kwargs(pretrained="x", batch_size=8)
+        assert caplog.records == []
+        ModelArgs.from_kwargs(pretrained="x", batch_size="auto:4")
+    (record,) = caplog.records
+    assert record.getMessage().startswith("batch_size=auto:4: the N of auto:N is ignored.")

@@ -66,7 +66,7 @@ def test_wrong_or_missing_pretrained(args, error, message, monkeypatch):
     ({"steps": "many"}, "steps='many' is malformed: expected int"),
     ({"stop_early": "maybe"}, "stop_early='maybe' is malformed: expected bool"),
     ({"truncation_side": "top"}, "truncation_side='top'; choose middle, left or right"),
-    ({"trust_remote_code": True}, "remote code is never run"),
+    ({"backend": "causal"}, "neither causal nor seq2seq"),
     ({"metastate": "x", "inner_steps": 2}, "cannot be combined"),
     ({"batch_size": "0"}, "batch_size=0 must be a positive integer or 'auto'"),
 ])
@@ -342,3 +342,43 @@ def test_ruler_and_babilong_data_generation_show_a_progress_bar(tiny_ckpts, monk
     babilong.load("qa1", "0k", pretrained=tiny_ckpts["llada"], num_samples=2, babilong_source="generate", seed=11)
     assert [(b.desc, b.total, b.n) for b in bars] == [
         ("Generating RULER vt at 1024 tokens", 3, 3), ("Generating BABILong qa1 at 0 tokens", 2, 2)]
+
+
+def test_official_commands_trust_remote_code_builds_the_model_with_one_warning(tiny_ckpts, caplog):
+    """`--model_args ...,trust_remote_code=True` (or lm-eval's --trust_remote_code, which adds it)
+    builds the model; one warning says no remote code is run."""
+    with caplog.at_level(logging.WARNING):
+        lm = make_lm(tiny_ckpts["llada"], trust_remote_code=True)
+    assert lm.args.pretrained == tiny_ckpts["llada"]
+    assert [r.getMessage() for r in caplog.records if "remote code" in r.getMessage()] == [
+        "trust_remote_code=True is ignored: lm_eval_dlmem ships its own LLaDA/Dream/LLaDA-MoE code, "
+        "so no remote code is run."]
+
+
+def test_gen_kwargs_decoding_does_not_use_are_named_in_one_warning(tiny_ckpts, caplog):
+    """--gen_kwargs repetition_penalty=1.2 (or a task's num_beams) must not vanish silently: one
+    warning names each ignored key once per model, however many batches carry it."""
+    lm = make_lm(tiny_ckpts["llada"], batch_size=1)
+    gk = {**GEN, "repetition_penalty": 1.2, "num_beams": 2, "temperature": 0.0}
+    with caplog.at_level(logging.WARNING):
+        lm.generate_until(gen_requests(["a", "b"], gk), disable_tqdm=True)
+        lm.generate_until(gen_requests(["c"], {**gk, "length_penalty": 1.0}), disable_tqdm=True)
+    ignored = [r.getMessage() for r in caplog.records if "are ignored" in r.getMessage()]
+    assert len(ignored) == 2, ignored
+    assert ignored[0].startswith("gen_kwargs num_beams, repetition_penalty are ignored")
+    assert ignored[1].startswith("gen_kwargs length_penalty are ignored")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        lm.generate_until(gen_requests(["d"], {**GEN, "temperature": 0.5, "top_p": 0.9, "top_k": 5}), disable_tqdm=True)
+    assert not [r for r in caplog.records if "are ignored" in r.getMessage()]
+
+
+def test_add_bos_token_default_is_the_familys_as_the_readme_says(tiny_ckpts):
+    """README: add_bos_token defaults to True for Dream and False for the others (it used to say
+    'tokenizer default', which the code never did); True prepends BOS for LLaDA too."""
+    lm = make_lm(tiny_ckpts["llada"])
+    bos = lm.spec.bos_id
+    assert bos is not None and lm.tok_encode("The grass is green.")[0] != bos
+    assert make_lm(tiny_ckpts["llada"], add_bos_token=True).tok_encode("The grass is green.")[0] == bos
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    assert "| `add_bos_token` | Dream: True, others: False |" in readme

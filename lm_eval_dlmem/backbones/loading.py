@@ -384,6 +384,8 @@ def load_backbone(
 
     check_device(device)
     pretrained = resolve_embedded(pretrained) or os.path.expanduser(str(pretrained))
+    if tokenizer is not None:  # `tokenizer=tiny-llada` names the embedded copy, as pretrained= does
+        tokenizer = resolve_embedded(tokenizer) or os.path.expanduser(str(tokenizer))
     config = read_config(pretrained, revision)
     family = check_family(config, family, pretrained)
     check_weight_files(pretrained, f"pretrained={pretrained}")

@@ -105,7 +105,11 @@ class _RegisteringLoader:
 
     def exec_module(self, module):
         self.loader.exec_module(module)
-        register()
+        try:
+            register()
+        except Exception as e:  # lm-eval itself must still import; our names are then missing, said once
+            print(f"lm_eval_dlmem: could not register its models with lm-eval ({e!r}); call "
+                  "lm_eval_dlmem.register() after importing lm_eval to see the cause.", file=sys.stderr)
 
     def __getattr__(self, name):  # get_resource_reader, get_source, ... as lm-eval's loader has them
         return getattr(self.loader, name)

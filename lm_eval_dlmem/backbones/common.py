@@ -229,12 +229,15 @@ def default_positions(attention_mask, start: int, length: int, from_mask: bool, 
 
 
 class LlamaLayout:
-    """Module layout of checkpoints named the Llama way (`model.embed_tokens`, `model.layers`,
-    `model.norm`, `lm_head`), as the official Dream and LLaDA-MoE checkpoints are: the accessors
-    through which `DlmPreTrainedModel` and transformers reach the parts."""
+    """Module layout of checkpoints named the Llama way (`model.<embeddings>`, `model.layers`,
+    `model.norm`, `lm_head`), as the official Dream, LLaDA-MoE and LLaDA2.x checkpoints are: the
+    accessors through which `DlmPreTrainedModel` and transformers reach the parts.
+    `embedding_name` is the embedding module's name under `model` (LLaDA2.x: `word_embeddings`)."""
+
+    embedding_name = "embed_tokens"
 
     def _embed(self, input_ids):
-        return self.model.embed_tokens(input_ids)
+        return self.get_input_embeddings()(input_ids)
 
     def _blocks(self):
         return self.model.layers
@@ -246,10 +249,10 @@ class LlamaLayout:
         return self.lm_head(x)
 
     def get_input_embeddings(self):
-        return self.model.embed_tokens
+        return getattr(self.model, self.embedding_name)
 
     def set_input_embeddings(self, value):
-        self.model.embed_tokens = value
+        setattr(self.model, self.embedding_name, value)
 
     def get_output_embeddings(self):
         return self.lm_head

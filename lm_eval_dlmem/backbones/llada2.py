@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from .common import AttentionMixin, DlmPreTrainedModel, GatedMLP, RMSNorm, Rotary, plain_rope
+from .common import AttentionMixin, DlmPreTrainedModel, GatedMLP, LlamaLayout, RMSNorm, Rotary, plain_rope
 from .llada_moe import EXPERT_TOKENS
 
 
@@ -332,10 +332,11 @@ def block_causal_mask(attention_mask, start: int, length: int, keys: int, block_
     return allowed if real is None else allowed & real
 
 
-class LLaDA2MoeModelLM(DlmPreTrainedModel):
+class LLaDA2MoeModelLM(LlamaLayout, DlmPreTrainedModel):
     config_class = LLaDA2MoeConfig
     base_model_prefix = "model"
     _no_split_modules = ["LLaDA2DecoderLayer"]
+    embedding_name = "word_embeddings"
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
     # a padded row alone starts at position 0, as the official samplers' unpadded rows do
     position_ids_from_mask = True
@@ -360,31 +361,3 @@ class LLaDA2MoeModelLM(DlmPreTrainedModel):
         if int(block_length) <= 0:
             raise ValueError(f"block_length={block_length} must be a positive number of tokens.")
         return block_causal_mask(attention_mask, start, length, keys, int(block_length), self.lm_head.weight.device)
-
-    def _embed(self, input_ids):
-        return self.model.word_embeddings(input_ids)
-
-    def _blocks(self):
-        return self.model.layers
-
-    def _final_norm(self, x):
-        return self.model.norm(x)
-
-    def _head(self, x):
-        return self.lm_head(x)
-
-    def get_input_embeddings(self):
-        return self.model.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.model.word_embeddings = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    @property
-    def layers(self) -> nn.ModuleList:
-        return self.model.layers

@@ -215,23 +215,18 @@ def generate_blocks(backbone, input_ids, attention_mask, config: DecodeConfig, m
     its arguments and return contract (called through `REGISTRY[...].generate`, after the
     family's attention pattern was checked): [B, G] generation region; rows that stopped early
     hold `spec.eos_id` after their last block."""
-    from .engine import check_no_mask, finished_rows
+    from .engine import check_no_mask, finished_rows, session_masks
 
     spec = backbone.spec
     device = backbone.device
-    input_ids = input_ids.to(device)
-    B, P = input_ids.shape
+    B, P = input_ids.shape  # engine.generate moved them to the device and handled empty batches
     G, n = config.gen_length, config.block_length
     out = torch.full((B, G), spec.eos_id, dtype=torch.long, device=device)
-    if G == 0 or B == 0:
-        return out
     rows = BlockRows.build(input_ids, attention_mask, G, n, spec.mask_id)
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()
     forward = BlockStepForward(backbone, config, memory, P)
-    attn = rows.attn if rows.attn is not None else torch.ones_like(rows.x)
-    prompt_mask = torch.zeros_like(rows.x, dtype=torch.bool)
-    prompt_mask[:, :P] = attn[:, :P].bool()
+    attn, prompt_mask = session_masks(rows.x, rows.attn, P)
     decode, extra = (llada21_block, P) if edits else (llada2_block, G)
     with memory.session(backbone, rows.x, attn, prompt_mask, seeds):
         j = 0

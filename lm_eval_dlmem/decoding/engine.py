@@ -80,6 +80,16 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.LongTensor, torc
     return ids, None if bool(mask.all()) else mask
 
 
+def session_masks(x: torch.Tensor, attn: torch.Tensor | None, P: int):
+    """What a memory's session reads of a canvas x [B, L] whose first P columns are the
+    (left-padded) prompt: the attention mask (all ones without padding) and the prompt mask
+    (True on real prompt tokens)."""
+    attn = attn if attn is not None else torch.ones_like(x)
+    prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+    prompt_mask[:, :P] = attn[:, :P].bool()
+    return attn, prompt_mask
+
+
 @torch.no_grad()
 def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=None, *,
              seeds: list[int] | None = None, stop_sequences: list[str] | None = None) -> torch.LongTensor:
@@ -118,9 +128,7 @@ def generate(backbone, input_ids, attention_mask, config: DecodeConfig, memory=N
     rng = RowRandom.from_seeds(seeds, device)
     memory = memory if memory is not None else NoMemory()
     forward = BlockForward(backbone, config, memory, P)
-    attn = canvas.attn if canvas.attn is not None else torch.ones_like(canvas.x)
-    prompt_mask = torch.zeros_like(canvas.x, dtype=torch.bool)
-    prompt_mask[:, :P] = attn[:, :P].bool()
+    attn, prompt_mask = session_masks(canvas.x, canvas.attn, P)
     with memory.session(backbone, canvas.x, attn, prompt_mask, seeds):
         for b in range(config.num_blocks):
             block = (P + b * n, P + (b + 1) * n)

@@ -28,3 +28,14 @@ def tiny_ckpts(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     return {fam: make_tiny_checkpoint(fam, root / fam, seed=0) for fam in ("llada", "dream", "llada_moe")}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    tiny matmuls run several times faster on one thread than on two on a shared, loaded machine,
+    and pinned numbers (test_golden) are single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

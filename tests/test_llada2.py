@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from _batches import left_padded_batch as _batch, logits as _logits
 from safetensors import safe_open
 
 from lm_eval_dlmem.backbones import detect_family, load_backbone
@@ -32,21 +33,6 @@ def bb(ckpt):
     return load_backbone(ckpt, dtype="float32")
 
 
-def _batch(bb, lengths=(24, 17, 9), seed=0):
-    """Left-padded random batch: ids [B, L], mask [B, L]."""
-    g = torch.Generator().manual_seed(seed)
-    L = max(lengths)
-    ids = torch.randint(0, 380, (len(lengths), L), generator=g)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, L - n :] = 1
-    ids[mask == 0] = bb.tokenizer.pad_token_id
-    return ids, mask
-
-
-@torch.no_grad()
-def _logits(bb, ids, mask=None, **kw):
-    return bb.logits(ids, mask, **kw)
 
 
 def _copy_with_config(src, dst, **changes):

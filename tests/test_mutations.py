@@ -20,13 +20,7 @@ from lm_eval_dlmem.memory import NoMemory, StepInfo
 V, MASK, EOS, EOT, BOS = 16, 15, 14, 13, 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @dataclass(frozen=True)

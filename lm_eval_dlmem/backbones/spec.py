@@ -101,6 +101,9 @@ class FamilySpec:
             (Dream's tokenizer does not add it, its training data starts with it).
         ffn_names: the (gate, up, down) projection names of the family's feed-forward blocks
             (MemDLM `inner_targets=ffn` puts fast weights on them).
+        shared_expert: dotted path from a decoder block to its always-on shared-expert FFN, or
+            None (LLaDA-MoE keeps it on the block as `shared_expert`, LLaDA2.x inside the MoE
+            as `mlp.shared_experts`); MemDLM `inner_targets=ffn` adds its projections.
         model_types / architectures: config.json `model_type` strings and `architectures` entries
             that name this family unambiguously (`detect_family` checks them before the MoE-key
             rules that tell LLaDA from LLaDA-MoE).
@@ -132,6 +135,7 @@ class FamilySpec:
     max_length_keys: tuple[str, ...] = ("max_sequence_length",)
     bos_by_default: bool = False
     ffn_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    shared_expert: str | None = None
     model_types: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
     block_causal: bool = False
@@ -253,6 +257,7 @@ LLADA_MOE = FamilySpec(
                     num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
     default_max_length=8192,
     max_length_keys=("max_sequence_length", "max_position_embeddings"),
+    shared_expert="shared_expert",
 )
 
 LLADA2 = FamilySpec(
@@ -282,6 +287,7 @@ LLADA2 = FamilySpec(
     # the released configs' max_position_embeddings (32768 for LLaDA2.0-mini / 2.1-mini)
     default_max_length=32768,
     max_length_keys=("max_position_embeddings",),
+    shared_expert="mlp.shared_experts",
     model_types=("llada2_moe", "llada21_moe", "llada2_moe_21"),
     architectures=("LLaDA2MoeModelLM",),
     block_causal=True,

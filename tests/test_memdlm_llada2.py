@@ -136,3 +136,73 @@ def test_inner_loop_matches_an_independent_re_derivation(bb, fraction, lr, clip)
                                config.inner_alpha / config.inner_rank, config.inner_lr, config.inner_grad_clip)
         assert (ref[0] - got[i, row]).abs().max() < 1e-5, i
     assert (got[1, P - lengths[1]:] - frozen).abs().max() > 1e-2  # the inner loop did move the logits
+
+
+def _released_adapter(ckpt, out, r=4, alpha=8.0, rename=None, drop=None, seed=0):
+    """An adapter in the format the released LLaDA2.1 training saves (PEFT LoRA, all-linear over
+    the official parameter names, keys `base_model.model.<module>.lora_{A,B}.weight`), with random
+    factors. Modules are read off the checkpoint's own weight names. `rename` (old, new) / `drop`
+    (a substring) corrupt the keys. Returns {module: (A [r, in], B [out, r])}."""
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(seed)
+    factors, tensors = {}, {}
+    with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
+        for key in f.keys():
+            module, _, leaf = key.rpartition(".")
+            if leaf != "weight" or ".layers." not in module or module.rsplit(".", 1)[1] not in RELEASED_OUTER:
+                continue
+            out_f, in_f = f.get_slice(key).get_shape()
+            factors[module] = (torch.randn(r, in_f, generator=g) / in_f ** 0.5, 0.1 * torch.randn(out_f, r, generator=g))
+    for module, (a, b) in factors.items():
+        name = module.replace(*rename) if rename else module
+        if drop and drop in name:
+            continue
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    os.makedirs(out, exist_ok=True)
+    save_file(tensors, os.path.join(out, "adapter_model.safetensors"))
+    config = dict(peft_type="LORA", base_model_name_or_path="inclusionAI/LLaDA2.1-mini", task_type=None, r=r,
+                  lora_alpha=alpha, lora_dropout=0.05, bias="none", target_modules=sorted(RELEASED_OUTER),
+                  modules_to_save=None, fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
+                  use_rslora=False, use_dora=False, layers_to_transform=None, layers_pattern=None,
+                  rank_pattern={}, alpha_pattern={}, revision=None)
+    with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return factors
+
+
+def test_released_llada21_adapter_format_loads_through_adapter(ckpt, bb, tmp_path):
+    factors = _released_adapter(ckpt, tmp_path / "adapter")
+    assert {m.rsplit(".", 1)[1] for m in factors} == RELEASED_OUTER  # fused qkv, output dense, experts, shared, dense MLP
+    adapted = apply_adapter(load_backbone(ckpt, dtype="float32"), str(tmp_path / "adapter"))
+    # independent: W + (alpha / r) B A merged into the plain model's weights
+    merged = load_backbone(ckpt, dtype="float32")
+    state = merged.model.state_dict()
+    for module, (a, b) in factors.items():
+        state[f"{module}.weight"] = state[f"{module}.weight"] + (8.0 / 4) * b @ a
+    merged.model.load_state_dict(state)
+    ids = torch.randint(10, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, ref, frozen = adapted.logits(ids), merged.logits(ids), bb.logits(ids)
+    assert (got - ref).abs().max() < 1e-5 and (got - frozen).abs().max() > 1e-2
+    # fast weights sit under the outer LoRA (on its base_layer) and leave it exactly as it was
+    mem = FastWeightMemory(adapted, MemDLMConfig(inner_adapter_dropout=False))
+    attn, pm = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    with torch.inference_mode():
+        mem.begin(adapted, ids, attn, pm, [0, 1])
+        wrapped = [n for n, m in adapted.model.named_modules() if isinstance(m, FastLoRA)]
+        assert len(wrapped) == 27 and all(n.endswith(".base_layer") for n in wrapped)
+        assert (adapted.logits(ids) - got).abs().max() > 1e-4
+        mem.end()
+        assert torch.equal(adapted.logits(ids), got)
+
+
+@pytest.mark.parametrize("corrupt, named", [
+    (dict(rename=("attention.query_key_value", "self_attn.query_key_value")), "query_key_value"),
+    (dict(drop="layers.1.mlp.shared_experts"), "shared_experts"),
+])
+def test_a_mismatching_llada21_adapter_is_refused(ckpt, tmp_path, corrupt, named):
+    _released_adapter(ckpt, tmp_path / "adapter", **corrupt)
+    with pytest.raises(AdapterKeysError, match=named):
+        apply_adapter(load_backbone(ckpt, dtype="float32"), str(tmp_path / "adapter"))

@@ -9,6 +9,7 @@ hold the same behaviour without it.
 """
 
 import json
+import math
 import os
 import re
 
@@ -23,7 +24,7 @@ from lm_eval_dlmem.memory.anchor import anchor_states, prompt_anchor
 from lm_eval_dlmem.memory.fast_weights import FastLoRA, FastWeightMemory, MemDLMConfig, ffn_projections
 from lm_eval_dlmem.testing import make_tiny_checkpoint
 from lm_eval_dlmem.training import memdlm
-from lm_eval_dlmem.training.data import toy_pairs
+from lm_eval_dlmem.training.data import collate, toy_pairs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -206,3 +207,82 @@ def test_a_mismatching_llada21_adapter_is_refused(ckpt, tmp_path, corrupt, named
     _released_adapter(ckpt, tmp_path / "adapter", **corrupt)
     with pytest.raises(AdapterKeysError, match=named):
         apply_adapter(load_backbone(ckpt, dtype="float32"), str(tmp_path / "adapter"))
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in toy_pairs(24, seed=0)) + "\n")
+    return str(path)
+
+
+def _adapter_modules(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+        return {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in f.keys()}
+
+
+def test_train_memdlm_on_llada2_writes_the_released_adapter_layout(ckpt, toy_data, tmp_path):
+    out = tmp_path / "memdlm"
+    argv = ["--backbone", ckpt, "--data", toy_data, "--output-dir", str(out), "--batch-size", "2", "--max-length", "128",
+            "--lr", "1e-3", "--max-steps", "2", "--eval-batches", "1", "--eval-every", "100", "--eval-fraction", "0.1"]
+    assert memdlm.main(argv) == 0
+    log = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert [row["step"] for row in log] == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor([row["loss"], *row["inner"]])).all() and len(row["inner"]) == 2 for row in log[1:])
+    # the same modules as the released all-linear adapter (read off the checkpoint's names)
+    assert _adapter_modules(out) == set(_released_adapter(ckpt, tmp_path / "released"))
+    adapted = apply_adapter(load_backbone(ckpt, dtype="float32"), str(out))
+    mem = FastWeightMemory(adapted, MemDLMConfig(inner_steps=2))
+    ids = torch.randint(10, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        mem.begin(adapted, ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool), [0])
+        assert torch.isfinite(adapted.logits(ids)).all() and len(mem.layers) == 27
+        mem.end()
+
+
+def _nf4_on_cpu() -> bool:
+    try:
+        import bitsandbytes.functional as bnbf
+
+        bnbf.dequantize_4bit(*bnbf.quantize_4bit(torch.randn(64, 64), quant_type="nf4"))
+        return True
+    except Exception:  # no bitsandbytes CPU backend in this build
+        return False
+
+
+@pytest.mark.skipif(not _nf4_on_cpu(), reason="bitsandbytes cannot run NF4 on this CPU")
+def test_train_memdlm_on_a_4bit_llada2_base(toy_data, tmp_path):
+    """The released LLaDA2.1 recipe: NF4 base, outer LoRA, one bi-level step; the adapter loads
+    onto the 4-bit base. bitsandbytes' CPU kernel packs 4-bit weights in blocks of 32 output rows
+    and 64 input columns, so the experts are 64 wide here (the tiny default is 32)."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    ckpt = make_tiny_checkpoint("llada2", tmp_path / "nf4", seed=0, moe_intermediate_size=64)
+    args = memdlm.build_parser().parse_args(["--backbone", ckpt, "--data", toy_data, "--output-dir", str(tmp_path / "out"),
+                                             "--max-length", "128", "--lr", "1e-3"])
+    backbone = memdlm.build_model(args, torch.device("cpu"), four_bit=True, dtype="float32")
+    quantised = [n for n, m in backbone.model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert any("query_key_value" in n for n in quantised) and any("experts.7.down_proj" in n for n in quantised)
+    assert not any(n.endswith("mlp.gate") for n in quantised)  # the router is a bare parameter
+    train, _ = memdlm.load_examples(args, backbone.tokenizer)
+    batch = collate(train[:2], backbone.spec.eos_id)
+    memory = FastWeightMemory(backbone, memdlm.inner_config(args))
+    memory.install()
+    loss, inner = memdlm.train_step(backbone.model, backbone, memory, batch, args, torch.Generator().manual_seed(0))
+    loss.backward()
+    memory.remove()
+    assert torch.isfinite(loss) and len(inner) == 2 and all(math.isfinite(v) for v in inner)
+    lora = [m for m in backbone.model.modules() if isinstance(m, LoraLayer)]
+    assert lora and any(m.lora_B["default"].weight.grad.abs().sum() > 0 for m in lora)
+    torch.optim.AdamW([p for p in backbone.model.parameters() if p.requires_grad], lr=1e-2).step()
+    memdlm.save(str(tmp_path / "out"), backbone, args=args)
+    base = load_backbone(ckpt, load_in_4bit=True)
+    ids = torch.randint(10, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        frozen = base.logits(ids).float()
+        adapted = apply_adapter(base, str(tmp_path / "out"))  # strict: every LoRA module gets its weights
+        got = adapted.logits(ids).float()
+    assert torch.isfinite(got).all() and (got - frozen).abs().max() > 1e-3

@@ -286,3 +286,31 @@ def test_train_memdlm_on_a_4bit_llada2_base(toy_data, tmp_path):
         adapted = apply_adapter(base, str(tmp_path / "out"))  # strict: every LoRA module gets its weights
         got = adapted.logits(ids).float()
     assert torch.isfinite(got).all() and (got - frozen).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("strategy", ["llada2", "llada21"])
+def test_block_diffusion_decoding_with_fast_weights_batch_equals_rows_alone(bb, ckpt, tmp_path, strategy):
+    """An adapter and the inner loop under LLaDA2's own samplers: a left-padded batch decodes
+    each row as it decodes alone (per-row fast weights, rows leaving the batch early)."""
+    from lm_eval_dlmem import DecodeConfig, generate
+
+    _released_adapter(ckpt, tmp_path / "adapter")
+    adapted = apply_adapter(load_backbone(ckpt, dtype="float32"), str(tmp_path / "adapter"))
+    mem = FastWeightMemory(adapted, MemDLMConfig(inner_steps=2, inner_lr=1.0))
+    config = DecodeConfig(strategy=strategy, gen_length=8, block_length=4, steps=4, threshold=0.5)
+    lengths, seeds = (9, 5, 7), [3, 4, 5]
+    P = max(lengths)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.full((3, P), adapted.spec.eos_id)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, P - n:] = torch.randint(10, 300, (n,), generator=g)
+        attn[i, P - n:] = 1
+    with torch.inference_mode():
+        batched = generate(adapted, ids, attn, config, mem, seeds=seeds)
+        alone = [generate(adapted, ids[i:i + 1, P - n:], None, config, mem, seeds=[seeds[i]])[0]
+                 for i, n in enumerate(lengths)]
+        frozen = generate(adapted, ids, attn, config, None, seeds=seeds)
+    assert torch.equal(batched, torch.stack(alone))
+    assert mem.adaptations == 6 and not mem.layers  # every row adapted, fast weights removed after
+    assert (batched != frozen).any()  # the fast weights changed what was decoded

@@ -19,7 +19,7 @@ from lm_eval_dlmem import _autoload
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(REPO, "lm_eval_dlmem.pth")
 PY = "/usr/bin/python3"
-OURS = ("metastate-llada", "metastate-dream", "memdlm-llada-moe")
+OURS = ("metastate-llada", "metastate-dream", "memdlm-llada-moe", "memdlm-llada2")
 
 # (sys.argv[0] as the .pth sees it, sys.orig_argv)
 LM_EVAL = [

@@ -58,7 +58,7 @@ def test_cli_batch_size_invariance(model, tiny_ckpts, tmp_path):
 def test_registered_names_resolve_in_lm_eval_process():
     code = ("import sys; sys.argv=['lm_eval']; import lm_eval_dlmem._autoload as a; a._autoload();"
             "from lm_eval.api.registry import get_model;"
-            "print([get_model(n).__name__ for n in ('metastate-llada','metastate-dream','memdlm-llada-moe','hf','dummy')])")
+            "print([get_model(n).__name__ for n in ('metastate-llada','metastate-dream','memdlm-llada-moe','memdlm-llada2','hf','dummy')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "['MetaStateLLaDA', 'MetaStateDream', 'MemDLMLLaDAMoE', 'HFLM', 'DummyLM']" in out.stdout
+    assert "['MetaStateLLaDA', 'MetaStateDream', 'MemDLMLLaDAMoE', 'MemDLMLLaDA2', 'HFLM', 'DummyLM']" in out.stdout

@@ -29,10 +29,17 @@ def bb(tmp_path_factory):
     return load_backbone(path, device="cpu", dtype="float32")
 
 
-def opened(ms):
+def opened(ms, trained=False):
+    """Open the gate; `trained` also gives the zero-initialised AdaLN scale/shift weights values,
+    so the time code (mask ratio) matters as in a trained MetaState."""
     with torch.no_grad():
         ms.injector.gate.fill_(3.0)
         ms.injector.o.weight.mul_(200)
+        if trained:
+            gen = torch.Generator().manual_seed(1)
+            for p in ms.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=gen))
     return ms
 
 
@@ -83,6 +90,28 @@ def test_untrained_metastate_decodes_like_the_frozen_model_in_the_block_loop(bb,
     assert torch.equal(decode(bb, ms, overrides), frozen)
     assert not torch.equal(decode(bb, opened(ms), overrides), frozen)
     assert all(not layer._forward_hooks for layer in bb.layers) and ms.state is None
+
+
+@pytest.mark.parametrize("strategy", ["llada2", "llada21"])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_each_row_keeps_its_own_state_in_the_block_loop(bb, cache, strategy):
+    """An opened MetaState gives each prompt the same tokens in a left-padded batch as alone,
+    although the rows' blocks sit at different columns of the shared window and a row whose block
+    is done keeps being forwarded while its batch-mate finishes. Kills: the Mixer reading the
+    batch-mate's extra columns, waiting rows updating their state, a windowed forward overwriting
+    a row's cached finished columns, and a mask ratio over the shared canvas instead of the row's."""
+    from lm_eval_dlmem.decoding.block_diffusion import BlockRows
+
+    torch.manual_seed(0)
+    ms = opened(MetaState.init_for(bb, **SMALL), trained=True)
+    ids, attn = prompts(bb)
+    geometry = BlockRows.build(ids, attn, 12, 4, bb.spec.mask_id)
+    assert len(set(geometry.starts(0, 4))) == 2  # the rows' first blocks sit at different columns
+    overrides = {"strategy": strategy, "cache": cache, "threshold": 0.99}
+    batched = decode(bb, ms, overrides, ids, attn)
+    for b in range(2):
+        alone = decode(bb, ms, overrides, ids[b:b + 1, attn[b].bool()], None, seeds=(3 + b,))
+        assert torch.equal(alone[0], batched[b]), b
 
 
 def test_untrained_metastate_scores_like_the_frozen_model(bb):

@@ -214,3 +214,13 @@ def test_importing_the_package_stays_cheap():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] []"
+
+
+def test_the_demo_runs_each_preset_on_its_own_family():
+    """`lm-eval-dlmem demo --random --model X` builds the tiny checkpoint of X's family (read
+    from the preset, so a new preset needs no edit there)."""
+    from lm_eval_dlmem.demo import demo_family
+
+    got = {m: demo_family(m) for m in (*OURS, "dlm")}
+    assert got == {"metastate-llada": "llada", "metastate-dream": "dream", "memdlm-llada-moe": "llada_moe",
+                   "memdlm-llada2": "llada2", "dlm": "llada"}

@@ -1,4 +1,4 @@
-"""The lm-eval adapter: `DlmLM(TemplateLM)` and the three registered presets.
+"""The lm-eval adapter: `DlmLM(TemplateLM)` and the registered presets.
 
 This is the only module that sees lm-eval `Instance`s. It turns requests into length-sorted
 batches (lm-eval's Collator), token ids and seeds, and hands them to `decoding.generate` /

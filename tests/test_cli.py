@@ -64,8 +64,9 @@ def test_registered_names_resolve_in_lm_eval_process():
     assert "['MetaStateLLaDA', 'MetaStateDream', 'MemDLMLLaDAMoE', 'MemDLMLLaDA2', 'HFLM', 'DummyLM']" in out.stdout
 
 
-# memdlm-llada2 on a tiny LLaDA2.x checkpoint: the model args of each variant on top of the common
-# ones (the MemDLM variant with `adapter=<trained adapter>,inner_steps=2` is one more entry here)
+# memdlm-llada2 on a tiny LLaDA2.x checkpoint: each variant's model args on top of the common ones,
+# as a string or a callable (checkpoint, tmp_path) -> string, so the MemDLM variant is one more
+# entry, e.g. "memdlm": lambda ckpt, tmp: f"adapter={train_adapter(ckpt, tmp)},inner_steps=2"
 LLADA2_VARIANTS = {"frozen": "", "llada21": "strategy=llada21"}
 
 
@@ -82,8 +83,9 @@ def llada2_ckpt(tmp_path_factory):
 def test_cli_memdlm_llada2_batch_size_invariance(variant, llada2_ckpt, tmp_path):
     """generate_until (block-diffusion sampler, several blocks of 4 from each prompt's start) and
     multiple choice (block-wise likelihood) through `lm_eval --model memdlm-llada2`: batch 1 == 4."""
-    args = ",".join(a for a in (f"pretrained={llada2_ckpt},mc_num=4,mc_batch_size=4,block_length=4",
-                                LLADA2_VARIANTS[variant]) if a)
+    extra = LLADA2_VARIANTS[variant]
+    extra = extra(llada2_ckpt, tmp_path) if callable(extra) else extra
+    args = ",".join(a for a in (f"pretrained={llada2_ckpt},mc_num=4,mc_batch_size=4,block_length=4", extra) if a)
     proc = run_lm_eval("memdlm-llada2", args, tmp_path / "bs1", 1)
     run_lm_eval("memdlm-llada2", args, tmp_path / "bs4", 4)
     assert "t_gen" in proc.stdout and "t_mc" in proc.stdout

@@ -1,4 +1,4 @@
-"""The lm-eval adapter: `DlmLM(TemplateLM)` and the three registered presets.
+"""The lm-eval adapter: `DlmLM(TemplateLM)` and the registered presets.
 
 This is the only module that sees lm-eval `Instance`s. It turns requests into length-sorted
 batches (lm-eval's Collator), token ids and seeds, and hands them to `decoding.generate` /
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from .backbones.loading import load_backbone
 from .decoding.config import DecodeConfig
-from .decoding.strategies import check_strategy_fits
+from .decoding.strategies import check_strategy_fits, fitting_strategies
 from .devices import place
 from .memory.build import build_memory
 from .model_args import ModelArgs, decode_config, merge_harness_args
@@ -50,6 +50,7 @@ class DlmLM(TemplateLM):
 
     family: str | None = None
     preset: dict = {}
+    default_max_gen_toks = 256  # a task's generation length when its gen_kwargs name none
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -71,27 +72,34 @@ class DlmLM(TemplateLM):
         self.backbone, self.memory = build_memory(a, backbone)
         self.spec = self.backbone.spec
         self.tokenizer = self.backbone.tokenizer
-        self._resolve_strategy()
+        self._resolve_strategy(given=kwargs)
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
         self._batch_size = a.batch_size
         self._truncated_warned = 0
         self._ignored_gen_kwargs: set[str] = set()  # named once each in a warning
 
-    def _resolve_strategy(self) -> None:
+    def _resolve_strategy(self, given=()) -> None:
         """Fix the decoding strategy before any request: `strategy=` (or the preset's), else the
         family's `default_strategy` (LLaDA2.x: `llada2`), else DecodeConfig's; `threshold=None`
-        becomes the strategy's default, so the run fingerprint holds what decoding uses.
+        becomes the strategy's default, so the run fingerprint holds what decoding uses. A preset's
+        strategy is a default for its own family: on a checkpoint whose attention it does not fit
+        (a LLaDA2.x checkpoint under `metastate-llada`) the family's default replaces it, unless
+        `strategy=` was given (`given`: the model args as typed). `block_length=None` becomes the
+        family's `default_block_length` (LLaDA2.x: 32; the others keep one block).
 
         Raises:
             ValueError: the strategy's attention pattern is not the family's (a bidirectional
                 strategy on LLaDA2.x would decode with attention the model was not trained for).
         """
         a = self.args
-        if a.strategy is None:
+        from_preset = "strategy" not in given and a.strategy == self.preset.get("strategy")
+        if a.strategy is None or (from_preset and a.strategy not in fitting_strategies(self.spec)):
             a.strategy = self.spec.default_strategy or DecodeConfig.strategy
         check_strategy_fits(a.strategy, self.spec, arg=a.typed_names.get("strategy", "strategy"))
         if a.threshold is None:
             a.threshold = DecodeConfig.default_threshold(a.strategy)
+        if a.block_length is None:
+            a.block_length = self.spec.default_block_length
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -240,11 +248,11 @@ class DlmLM(TemplateLM):
                         "strategy, ... as model args).", ", ".join(ignored), ", ".join(sorted(USED_GEN_KWARGS)))
 
     def _generate_chunk(self, chunk, encoded, repeats, generate) -> list[str]:
-        gen_kwargs = normalize_gen_kwargs(chunk[0][1][1], default_max_gen_toks=256)
+        gen_kwargs = normalize_gen_kwargs(chunk[0][1][1], default_max_gen_toks=self.default_max_gen_toks)
         eos_text = self.tokenizer.decode([self.spec.eos_id], skip_special_tokens=False)
         until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
         self._warn_ignored_gen_kwargs(gen_kwargs)
-        max_gen = int(gen_kwargs.get("max_gen_toks", 256))
+        max_gen = int(gen_kwargs.get("max_gen_toks", self.default_max_gen_toks))
         if max_gen <= 0 and not self.args.gen_length:
             return [""] * len(chunk)
         config = self.decode_config(max_gen, gen_kwargs)
@@ -328,6 +336,7 @@ class DlmLM(TemplateLM):
                     self.backbone, pairs, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                     seeds=seeds, cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
                     memory=self.memory, progress=bar,  # moves per finished request, not per chunk
+                    block_length=self.args.block_length,  # block-causal families score per block
                 )
             for ((ctx, cont), _, _), res in zip(part, out):
                 undecided += res[1] is None
@@ -363,7 +372,7 @@ class DlmLM(TemplateLM):
                     self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
                     max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                     seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
-                    memory=self.memory, progress=bar,
+                    memory=self.memory, progress=bar, block_length=self.args.block_length,
                 )
             for string, score in zip(part, scores):
                 self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
@@ -422,4 +431,15 @@ class MemDLMLLaDAMoE(DlmLM):
     preset = {"strategy": "llada"}
 
 
-__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE"]
+class MemDLMLLaDA2(DlmLM):
+    """`memdlm-llada2`: LLaDA2.1-mini as MemDLM evaluates it (`memdlm/eval/llada21.py`): its
+    LLaDA2.0 block sampler (`strategy=llada2`; `strategy=llada21` adds LLaDA2.1's editing), blocks
+    of 32, 32 steps per block, threshold 0.95, 512 new tokens when the task names no
+    max_gen_toks; `adapter=` for the outer LoRA, `inner_steps=` for inference adaptation."""
+
+    family = "llada2"
+    preset = {"strategy": "llada2", "block_length": 32, "steps_per_block": 32, "threshold": 0.95}
+    default_max_gen_toks = 512
+
+
+__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "MemDLMLLaDA2"]

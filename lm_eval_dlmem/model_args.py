@@ -155,7 +155,7 @@ GROUP_OF = {f.name: group for group, cls in GROUPS.items() for f in dataclasses.
 
 @dataclass
 class ModelArgs:
-    """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe` (and `dlm`),
+    """Every model arg of `metastate-llada`, `metastate-dream`, `memdlm-llada-moe`, `memdlm-llada2` (and `dlm`),
     parsed into one typed config per concern: `load`, `decode`, `likelihood`, `memory` (their
     docstrings list the args), plus `seed` (requests, decoding and the inner loop).
 

@@ -111,6 +111,8 @@ class FamilySpec:
             block length to the forward; without one the forward attends bidirectionally.
         default_strategy: the decoding strategy the harness uses when neither the preset nor
             `strategy=` names one; None = the harness default (`llada`).
+        default_block_length: a block-causal family's trained block length, used when
+            `block_length=` is unset (decoding and the block-wise likelihood); None = one block.
     """
 
     name: str
@@ -140,6 +142,7 @@ class FamilySpec:
     architectures: tuple[str, ...] = ()
     block_causal: bool = False
     default_strategy: str | None = None
+    default_block_length: int | None = None
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -292,6 +295,7 @@ LLADA2 = FamilySpec(
     architectures=("LLaDA2MoeModelLM",),
     block_causal=True,
     default_strategy="llada2",
+    default_block_length=32,  # the official samplers' block_size, and MemDLM's eval
 )
 
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE, LLADA2)}

@@ -67,7 +67,22 @@ def test_registered_names_resolve_in_lm_eval_process():
 # memdlm-llada2 on a tiny LLaDA2.x checkpoint: each variant's model args on top of the common ones,
 # as a string or a callable (checkpoint, tmp_path) -> string, so the MemDLM variant is one more
 # entry, e.g. "memdlm": lambda ckpt, tmp: f"adapter={train_adapter(ckpt, tmp)},inner_steps=2"
-LLADA2_VARIANTS = {"frozen": "", "llada21": "strategy=llada21"}
+def _memdlm_adapter(ckpt, tmp_path) -> str:
+    """An outer LoRA trained by `lm-eval-dlmem train memdlm` (two steps on toy pairs) on `ckpt`,
+    evaluated with two inner steps: the issue's `adapter=...,inner_steps=2` run."""
+    from lm_eval_dlmem.training import memdlm
+    from lm_eval_dlmem.training.data import toy_pairs
+
+    data = tmp_path / "toy.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": p, "response": r}) for p, r in toy_pairs(16, seed=0)) + "\n")
+    out = tmp_path / "adapter"
+    argv = ["--backbone", ckpt, "--data", str(data), "--output-dir", str(out), "--batch-size", "2", "--max-length", "96",
+            "--lr", "1e-3", "--max-steps", "2", "--eval-batches", "1", "--eval-every", "100", "--eval-fraction", "0.1"]
+    assert memdlm.main(argv) == 0
+    return f"adapter={out},inner_steps=2"
+
+
+LLADA2_VARIANTS = {"frozen": "", "llada21": "strategy=llada21", "adapter_inner": _memdlm_adapter}
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,9 @@ class DlmLM(TemplateLM):
         self.accelerator, self._device = placement.accelerator, placement.device
         self._rank, self._world_size = placement.rank, placement.world_size
         backbone = load_backbone(
-            a.pretrained, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
+            a.source, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
-            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
+            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer_source,
             strict_weights=a.strict_weights,
         )
         if self.family and backbone.family != self.family:

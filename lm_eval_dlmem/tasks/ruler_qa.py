@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .common import TaskDataError, from_hub
+from .common import TaskDataError, from_hub, metadata_hint
 
 TEMPLATE = (
     "Answer the question based on the given documents. Only give me the answer and do not output any "
@@ -34,7 +34,7 @@ SQUAD_REPO = "rajpurkar/squad_v2"
 HOTPOT_REPO, HOTPOT_FILE = "namlh2004/hotpotqa", "hotpot_dev_distractor_v1.json"
 HOTPOT_REVISION = "7e54db4656209750ff487f6fdf8e39a66dba136b"
 FILES = {"squad": "squad.json", "hotpotqa": "hotpotqa.json"}
-HINT = ("Download the data once and pass --metadata ruler_qa_dir=DIR with {file} in it (RULER's "
+HINT = ("Download the data once and pass " + metadata_hint("ruler_qa_dir", "DIR") + " with {file} in it (RULER's "
         "scripts/data/synthetic/json/download_qa_dataset.sh fetches it), or leave these two tasks out "
         "(dlmem_ruler_<len> groups the 11 offline tasks; dlmem_ruler_all_<len> adds these two).")
 

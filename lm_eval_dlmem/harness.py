@@ -177,9 +177,10 @@ class DlmLM(TemplateLM):
         return fingerprint(self.args.fingerprint_fields())
 
     def get_model_info(self) -> dict:
-        return {"family": self.backbone.family, "pretrained": self.args.pretrained,
-                "memory": type(self.memory).__name__, "args_fingerprint": self.fingerprint(),
-                "model_args": {k: v for k, v in self.args.fingerprint_fields().items() if v is not None}}
+        """Merged by lm-eval into the results' `config` beside the user's `model_args` (`model_info`)."""
+        from .model_info import model_info
+
+        return model_info(self)
 
     # ---- generation ----------------------------------------------------------------------------
     def decode_config(self, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:

@@ -613,11 +613,11 @@ def resolve_dtype(dtype, device=None):
 
 
 def quantization_config(load_in_4bit: bool, compute_dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise ImportError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    from ..extras import require
+
+    require("bitsandbytes", "load_in_4bit / load_in_8bit")
     if not load_in_4bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if compute_dtype == "auto":

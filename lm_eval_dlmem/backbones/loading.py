@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import add_special_tokens_keeping, tokenizer_load_kwargs
 from .spec import FAMILIES, FamilySpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -507,9 +508,10 @@ def load_tokenizer(path: str, revision: str | None = None):
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     errors = []
+    compat = tokenizer_load_kwargs(path)  # a tokenizer saved by transformers 5, read by 4.x
     for cls in (PreTrainedTokenizerFast, Qwen2TokenizerFast):
         try:
-            return cls.from_pretrained(path, revision=revision)
+            return cls.from_pretrained(path, revision=revision, **compat)
         except Exception as e:  # missing files raise OSError/ValueError/TypeError by version
             errors.append(f"{cls.__name__}: {e}")
     raise OSError(
@@ -638,7 +640,7 @@ def prepare_tokenizer(tokenizer, spec: FamilySpec) -> FamilySpec:
     if missing:
         # LLaDA Base ships the header tokens in its vocabulary but not as special tokens, so
         # they would be split by the pre-tokenizer; register them so the template encodes right.
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        add_special_tokens_keeping(tokenizer, missing)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = spec.chat_template
     resolved = spec.resolve(tokenizer)

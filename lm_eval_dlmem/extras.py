@@ -42,6 +42,6 @@ def require(module: str, purpose: str):
         if e.name is None or e.name.split(".", 1)[0] != top:
             raise  # a dependency of the package itself is broken: its own error says which
         raise MissingExtraError(
-            f"{purpose} needs {dist}, which is not installed: pip install 'lm-eval-dlmem[{extra}]' "
+            f"{dist} is needed for {purpose} but is not installed: pip install 'lm-eval-dlmem[{extra}]' "
             f"(or pip install {dist})."
         ) from e

@@ -22,7 +22,7 @@ from .spec import RunSpec, Sweep
 from .sweep import TaskManagers, is_complete, run_dir, run_one, write_comparison
 
 # submitit's parameter names, as the sweep's command line spells them (see `add_arguments`)
-GENERIC = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb", "nodes", "tasks_per_node")
+GENERIC = ("timeout_min", "gpus_per_node", "cpus_per_task", "mem_gb")  # one task per run: a run is one process
 SLURM = ("slurm_partition", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_array_parallelism")
 
 

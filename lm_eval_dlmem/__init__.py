@@ -2,7 +2,8 @@
 MetaState / MemDLM memory, inside EleutherAI's lm-evaluation-harness.
 
 Public API (imported lazily, so `import lm_eval_dlmem` stays cheap):
-    load_backbone, Backbone, DecodeConfig, generate, make_tiny_checkpoint
+    load_backbone, Backbone, DecodeConfig, generate, make_tiny_checkpoint,
+    task_manager (lm-eval's TaskManager with our tasks and the model's tokenizer metadata)
 
 Importing the package registers our model names (metastate-llada, metastate-dream,
 memdlm-llada-moe, memdlm-llada2, dlm) in lm-eval's model registry, so `lm_eval.simple_evaluate(model=...)` finds
@@ -20,6 +21,7 @@ _LAZY = {
     "DecodeConfig": "lm_eval_dlmem.decoding.config",
     "generate": "lm_eval_dlmem.decoding.engine",
     "make_tiny_checkpoint": "lm_eval_dlmem.testing",
+    "task_manager": "lm_eval_dlmem.api",
 }
 
 __all__ = sorted(_LAZY) + ["register"]

@@ -21,6 +21,8 @@ import importlib
 import os
 import sys
 
+from .extras import MissingExtraError
+
 # subcommand -> module exposing `main(argv) -> int`
 DELEGATES = {
     ("train", "metastate"): "lm_eval_dlmem.training.metastate",
@@ -109,11 +111,12 @@ def cmd_demo(argv: list[str]) -> int:
 
 def _run(name: str, command) -> int:
     """Run a subcommand; a bad argument, path or file (ValueError / OSError, which our checks raise
-    with the problem and the fix in the message) prints that message instead of a traceback.
+    with the problem and the fix in the message) or a missing extra prints that message instead of
+    a traceback.
     LM_EVAL_DLMEM_TRACEBACK=1 shows the traceback too."""
     try:
         return command() or 0
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, MissingExtraError) as e:
         if os.environ.get("LM_EVAL_DLMEM_TRACEBACK") == "1":
             raise
         print(f"lm-eval-dlmem {name}: error: {e}\n(set LM_EVAL_DLMEM_TRACEBACK=1 for the traceback)", file=sys.stderr)

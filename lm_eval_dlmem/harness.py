@@ -60,9 +60,9 @@ class DlmLM(TemplateLM):
         self.accelerator, self._device = placement.accelerator, placement.device
         self._rank, self._world_size = placement.rank, placement.world_size
         backbone = load_backbone(
-            a.pretrained, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
+            a.source, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
-            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer,
+            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer_source,
             strict_weights=a.strict_weights,
         )
         if self.family and backbone.family != self.family:
@@ -185,9 +185,10 @@ class DlmLM(TemplateLM):
         return fingerprint(self.args.fingerprint_fields())
 
     def get_model_info(self) -> dict:
-        return {"family": self.backbone.family, "pretrained": self.args.pretrained,
-                "memory": type(self.memory).__name__, "args_fingerprint": self.fingerprint(),
-                "model_args": {k: v for k, v in self.args.fingerprint_fields().items() if v is not None}}
+        """Merged by lm-eval into the results' `config` beside the user's `model_args` (`model_info`)."""
+        from .model_info import model_info
+
+        return model_info(self)
 
     # ---- generation ----------------------------------------------------------------------------
     def decode_config(self, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:

@@ -11,8 +11,11 @@ import dataclasses
 import difflib
 import logging
 import math
+import os
 import typing
 from dataclasses import dataclass, field
+
+import torch
 
 from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
 from .decoding.config import DECODE_RANGES, DecodeConfig
@@ -170,6 +173,19 @@ class ModelArgs:
     seed: int = 1234
     # field -> the key the user typed for it (an alias such as max_new_tokens), so errors name it
     typed_names: dict = field(default_factory=dict, repr=False, compare=False)
+    # pretrained= / tokenizer= given as objects (a loaded Backbone or model, a tokenizer) from
+    # Python; the string fields then hold their labels (`loading.loaded_label`)
+    objects: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def source(self):
+        """What to load: the loaded model passed as pretrained=, else the `pretrained` string."""
+        return self.objects.get("pretrained", self.pretrained)
+
+    @property
+    def tokenizer_source(self):
+        """The tokenizer object passed as tokenizer=, else the `tokenizer` string (or None)."""
+        return self.objects.get("tokenizer", self.tokenizer)
 
     def __getattr__(self, name):
         group = GROUP_OF.get(name)
@@ -243,10 +259,12 @@ class ModelArgs:
                     f"Unknown model arg {key!r}.{hint} Valid model args: {', '.join(sorted(valid))}."
                 )
             values[key] = value
+        objects = take_objects(values)
         hints = {**typing.get_type_hints(cls), **{k: v for c in GROUPS.values() for k, v in typing.get_type_hints(c).items()}}
         cast = {k: _cast(typed.get(k, k), v, hints[k]) for k, v in values.items()}
         groups = {group: c(**{k: v for k, v in cast.items() if GROUP_OF.get(k) == group}) for group, c in GROUPS.items()}
-        return cls(**groups, **{k: v for k, v in cast.items() if k not in GROUP_OF}, typed_names=typed)
+        return cls(**groups, **{k: v for k, v in cast.items() if k not in GROUP_OF}, typed_names=typed,
+                   objects=objects)
 
     def flat(self) -> dict:
         """Every model arg under the name users type."""
@@ -257,6 +275,32 @@ class ModelArgs:
         """Everything that can change a model output (for cache namespacing)."""
         skip = {"batch_size", "max_batch_size", "device", "parallelize"}
         return {k: v for k, v in self.flat().items() if k not in skip}
+
+
+def take_objects(values: dict) -> dict:
+    """Move a loaded model (pretrained=) and a tokenizer object (tokenizer=) out of `values`,
+    leaving string labels in their place (casting would turn them into their repr).
+
+    A loaded model also sets `device=` to where it sits unless one was given, so the harness puts
+    inputs beside the model instead of moving it (HFLM keeps a loaded model on its device)."""
+    from .backbones.loading import is_loaded_model, loaded_label
+
+    objects = {}
+    model = values.get("pretrained")
+    if isinstance(model, os.PathLike):
+        values["pretrained"] = model = os.fspath(model)
+    if model is not None and not isinstance(model, (str, int, float)):
+        if not is_loaded_model(model):
+            raise ValueError(f"pretrained= got a {type(model).__name__}: pass a checkpoint directory, hub id or "
+                             "embedded name, a lm_eval_dlmem Backbone, or a loaded model of our classes.")
+        objects["pretrained"], values["pretrained"] = model, loaded_label(model)
+        if values.get("device") is None:
+            values["device"] = str(next(model.parameters()).device) if isinstance(model, torch.nn.Module) \
+                else str(model.device)
+    tok = values.get("tokenizer")
+    if tok is not None and not isinstance(tok, str):
+        objects["tokenizer"], values["tokenizer"] = tok, getattr(tok, "name_or_path", "") or type(tok).__name__
+    return objects
 
 
 # DecodeArgs fields that DecodeConfig takes as they are (the rest come from the request, below)

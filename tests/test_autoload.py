@@ -164,14 +164,16 @@ def test_dependencies_we_reach_into_are_bounded_to_the_tested_versions(package):
     """lm-eval internals (cache_hook.dbdict, the request-cache key) and bitsandbytes' CPU 4-bit
     packing change between releases: pyproject.toml bounds both above, and the versions this
     suite runs on are inside the bounds."""
-    import tomllib
     from importlib.metadata import version
-    from pathlib import Path
 
     from packaging.requirements import Requirement
 
-    deps = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["dependencies"]
-    (req,) = [Requirement(d) for d in deps if Requirement(d).name == package]
+    from _packaging import pyproject
+
+    project = pyproject()["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    (req, *same) = [Requirement(d) for d in deps if Requirement(d).name == package]
+    assert all(r.specifier == req.specifier for r in same), f"{package} is bounded differently in two places"
     assert any(s.operator in ("<", "<=", "==", "~=") for s in req.specifier), f"{req} has no upper bound"
     assert req.specifier.contains(version(package)), f"installed {package} {version(package)} is outside {req}"
 

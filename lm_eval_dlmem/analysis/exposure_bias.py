@@ -97,9 +97,9 @@ def analyse(backbone, batches, ratios, memory, seed: int) -> list[dict]:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from ..extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", "the exposure-bias plot").use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

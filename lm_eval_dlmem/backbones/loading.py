@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compat import add_special_tokens_keeping, tokenizer_load_kwargs
 from .spec import FAMILIES, FamilySpec, get_spec
 
 log = logging.getLogger(__name__)
@@ -364,7 +365,8 @@ def load_backbone(
 
     Args:
         pretrained: checkpoint directory, hub id (e.g. GSAI-ML/LLaDA-8B-Instruct) or the name of
-            a checkpoint shipped in the package (`tiny-llada`, see `lm_eval_dlmem.embedded`).
+            a checkpoint shipped in the package (`tiny-llada`, see `lm_eval_dlmem.embedded`); or a
+            loaded `Backbone` / model of our classes (see `wrap_loaded`), with `tokenizer=`.
         family: `llada`, `dream`, `llada_moe` or `llada2`; inferred from config.json when None.
         dtype: `auto` (the checkpoint's), `bfloat16`, `float16`, `float32` or a torch.dtype.
         device: where to put the model (`cpu`, `cuda`, `cuda:1`); ignored with device_map.
@@ -382,6 +384,10 @@ def load_backbone(
     """
     from ..embedded import resolve_embedded
 
+    if is_loaded_model(pretrained):
+        return _load_from_object(pretrained, tokenizer=tokenizer, family=family, device=device, dtype=dtype,
+                                 load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, revision=revision,
+                                 device_map=device_map)
     check_device(device)
     pretrained = resolve_embedded(pretrained) or os.path.expanduser(str(pretrained))
     if tokenizer is not None:  # `tokenizer=tiny-llada` names the embedded copy, as pretrained= does
@@ -412,6 +418,89 @@ def load_backbone(
     return Backbone(model=model, tokenizer=tok, spec=spec, family=family)
 
 
+def is_loaded_model(pretrained) -> bool:
+    """True when `pretrained=` is a model object rather than a name (a `Backbone`, or a model of
+    our classes such as `LLaDAModelLM`, possibly PEFT-wrapped), as HFLM takes a loaded model."""
+    return isinstance(pretrained, (Backbone, torch.nn.Module))
+
+
+def loaded_label(pretrained) -> str:
+    """A name for a loaded model in results and logs: its config's `_name_or_path` (the
+    directory or hub id it was loaded from), else its class name."""
+    model = pretrained.model if isinstance(pretrained, Backbone) else pretrained
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return str(name) or type(model).__name__
+
+
+def wrap_loaded(pretrained, *, tokenizer=None, family: str | None = None) -> Backbone:
+    """A `Backbone` around a model loaded in this process (a training loop's periodic eval).
+
+    Args:
+        pretrained: a `Backbone` (used as it is) or a model of our classes (`LLaDAModelLM`,
+            `DreamModel`, `LLaDAMoEModelLM`, `LLaDA2MoeModelLM`, or a PEFT wrapper of one). The
+            model stays on its device and dtype; it is put in eval() mode, as HFLM does (call
+            `.train()` again after evaluating inside a training loop).
+        tokenizer: for a bare model, its tokenizer object, or a path / hub id / embedded name;
+            None loads the one saved beside the model's `config._name_or_path`.
+        family: checked against the model's config, as for a checkpoint directory.
+
+    Raises:
+        ValueError: an object that is neither, a tokenizer= beside a Backbone (it has its own), a
+            model whose family or tokenizer does not fit.
+    """
+    if isinstance(pretrained, Backbone):
+        if tokenizer is not None:
+            raise ValueError("tokenizer= cannot be combined with a loaded Backbone as pretrained=: it carries its "
+                             "own tokenizer (build Backbone(model, tokenizer, ...) with the one you want).")
+        check_family(pretrained.config.to_dict(), family, loaded_label(pretrained))
+        pretrained.model.eval()
+        return pretrained
+    config = getattr(pretrained, "config", None)
+    if not isinstance(pretrained, torch.nn.Module) or not hasattr(config, "to_dict"):
+        raise ValueError(f"pretrained= got a {type(pretrained).__name__}: pass a checkpoint directory, hub id or "
+                         "embedded name, a lm_eval_dlmem Backbone, or a loaded model of our classes (LLaDAModelLM, "
+                         "DreamModel, LLaDAMoEModelLM, LLaDA2MoeModelLM).")
+    label = loaded_label(pretrained)
+    config_dict = config.to_dict()
+    family = check_family(config_dict, family, label)
+    tok = _loaded_tokenizer(tokenizer, config, label)
+    spec = get_spec(family)
+    check_tokenizer_fits(tok, config_dict, spec, getattr(tok, "name_or_path", "") or "tokenizer=", label)
+    pretrained.eval()
+    return Backbone(model=pretrained, tokenizer=tok, spec=prepare_tokenizer(tok, spec), family=family)
+
+
+def _loaded_tokenizer(tokenizer, config, label: str):
+    """The tokenizer of a loaded model: the object given, a path / id / embedded name, or the one
+    saved beside the model's `_name_or_path`."""
+    from ..embedded import resolve_embedded
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    name = tokenizer or getattr(config, "_name_or_path", "")
+    if not name:
+        raise ValueError(f"pretrained= is a loaded model ({label}) without a saved tokenizer: pass its tokenizer "
+                         "as tokenizer= (the object, or a directory / hub id).")
+    return load_tokenizer(resolve_embedded(str(name)) or os.path.expanduser(str(name)))
+
+
+def _load_from_object(pretrained, *, tokenizer, family, device, dtype, load_in_4bit, load_in_8bit, revision,
+                      device_map) -> Backbone:
+    """`load_backbone` of a loaded model: options that only apply while loading from files are
+    refused rather than silently dropped; `device=` moves the model (None keeps it where it is)."""
+    given = {"dtype": str(dtype) != "auto", "load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
+             "revision": revision is not None, "parallelize": device_map is not None}
+    refused = [name for name, on in given.items() if on]
+    if refused:
+        raise ValueError(f"{', '.join(n + '=' for n in refused)} cannot apply to a model passed loaded as "
+                         "pretrained=: it is already built; drop the arg, or convert the model before passing it.")
+    backbone = wrap_loaded(pretrained, tokenizer=tokenizer, family=family)
+    if device is not None and backbone.device != torch.device(device):
+        check_device(device)
+        backbone.model.to(device)
+    return backbone
+
+
 def load_tokenizer(path: str, revision: str | None = None):
     """The checkpoint's tokenizer without remote code: the fast `tokenizer.json` when there is
     one, else the Qwen2 BPE files (`vocab.json` + `merges.txt`) that Dream's custom slow
@@ -419,9 +508,10 @@ def load_tokenizer(path: str, revision: str | None = None):
     from transformers import PreTrainedTokenizerFast, Qwen2TokenizerFast
 
     errors = []
+    compat = tokenizer_load_kwargs(path)  # a tokenizer saved by transformers 5, read by 4.x
     for cls in (PreTrainedTokenizerFast, Qwen2TokenizerFast):
         try:
-            return cls.from_pretrained(path, revision=revision)
+            return cls.from_pretrained(path, revision=revision, **compat)
         except Exception as e:  # missing files raise OSError/ValueError/TypeError by version
             errors.append(f"{cls.__name__}: {e}")
     raise OSError(
@@ -525,11 +615,11 @@ def resolve_dtype(dtype, device=None):
 
 
 def quantization_config(load_in_4bit: bool, compute_dtype):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise ImportError("4/8-bit loading needs bitsandbytes: pip install bitsandbytes") from e
+    from transformers import BitsAndBytesConfig
+
+    from ..extras import require
+
+    require("bitsandbytes", "load_in_4bit / load_in_8bit")
     if not load_in_4bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     if compute_dtype == "auto":
@@ -550,7 +640,7 @@ def prepare_tokenizer(tokenizer, spec: FamilySpec) -> FamilySpec:
     if missing:
         # LLaDA Base ships the header tokens in its vocabulary but not as special tokens, so
         # they would be split by the pre-tokenizer; register them so the template encodes right.
-        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        add_special_tokens_keeping(tokenizer, missing)
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = spec.chat_template
     resolved = spec.resolve(tokenizer)

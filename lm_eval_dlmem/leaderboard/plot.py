@@ -62,9 +62,9 @@ def plot_lengths(runs: list[Run], path: str, pattern: str = "ruler|babilong") ->
     series = length_series(runs, pattern)
     if not series:
         return False
-    import matplotlib
+    from ..extras import require
 
-    matplotlib.use("Agg", force=True)
+    require("matplotlib", "compare --plot").use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     families = sorted(series)

@@ -349,16 +349,7 @@ def run_sweep(sweep: Sweep, *, force: bool = False, only: list[str] | None = Non
     for i, spec in enumerate(sweep.runs, 1):
         if only and spec.name not in only:
             continue
-        lock = RunLock(sweep, spec)
-        holder = lock.acquire()
-        if holder is not None:
-            print(f"[sweep] {i}/{len(sweep.runs)} {spec.name}: being run by another sweep (pid {holder}), "
-                  f"skipped", flush=True)
-            continue
-        try:
-            failure = _run_locked(sweep, spec, managers, force, f"{i}/{len(sweep.runs)}")
-        finally:
-            lock.release()
+        failure = run_one(sweep, spec, managers, force, f"{i}/{len(sweep.runs)}")
         if failure:
             failures[spec.name] = failure
             print(f"[sweep] {spec.name}: FAILED: {failure}", file=sys.stderr, flush=True)
@@ -367,6 +358,21 @@ def run_sweep(sweep: Sweep, *, force: bool = False, only: list[str] | None = Non
     except (OSError, ValueError) as e:  # the runs' own results are on disk either way
         print(f"[sweep] could not write the comparison: {e}", file=sys.stderr)
     return failures
+
+
+def run_one(sweep: Sweep, spec: RunSpec, managers: TaskManagers, force: bool = False,
+            counter: str = "") -> str | None:
+    """One run as the sweep runs it, wherever it runs (this process, or a submitit job): under its
+    lock, skipped when complete or held by another sweep. Returns the failure description or None."""
+    lock = RunLock(sweep, spec)
+    holder = lock.acquire()
+    if holder is not None:
+        print(f"[sweep] {counter} {spec.name}: being run by another sweep (pid {holder}), skipped", flush=True)
+        return None
+    try:
+        return _run_locked(sweep, spec, managers, force, counter)
+    finally:
+        lock.release()
 
 
 def _run_locked(sweep: Sweep, spec: RunSpec, managers: TaskManagers, force: bool, counter: str) -> str | None:
@@ -409,6 +415,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="rerun runs that are already complete")
     p.add_argument("--limit", type=float, default=None, help="override every run's limit (quick check)")
     p.add_argument("--dry_run", action="store_true", help="print each run's status and lm_eval command, run nothing")
+    from .launch import add_arguments
+
+    add_arguments(p)
     return p.parse_args(argv)
 
 
@@ -431,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     try:
-        failures = run_sweep(sweep, force=args.force, only=only)
+        if args.launcher == "submitit":
+            from .launch import submit_sweep
+
+            failures = submit_sweep(sweep, args, only=only)
+        else:
+            failures = run_sweep(sweep, force=args.force, only=only)
     except ValueError as e:
         print(f"lm-eval-dlmem sweep: {e}", file=sys.stderr)
         return 2

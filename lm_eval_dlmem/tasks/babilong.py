@@ -27,6 +27,7 @@ from functools import lru_cache
 from .babi import TASKS, make_story
 from .common import (
     key_request_cache_by_metadata,
+    metadata_hint,
     TaskDataError,
     TokenCounter,
     data_seed,
@@ -280,7 +281,7 @@ def _generated(task: str, length: int, num_samples: int, seed: int, tokenizer: s
 def _from_hub(task: str, length_name: str, dataset: str):
     import datasets
 
-    hint = "Use --metadata babilong_source=generate to build the samples offline."
+    hint = f"Use {metadata_hint('babilong_source', 'generate')} to build the samples offline."
     rows = from_hub(dataset, lambda: datasets.load_dataset(dataset, length_name, split=task), hint)
     return to_dataset(_row(task, r["input"], r["question"], r["target"], None, f"hub:{dataset}") for r in rows)
 

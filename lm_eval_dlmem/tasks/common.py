@@ -91,7 +91,8 @@ def load_sizing_tokenizer(name: str):
     except OSError as e:
         raise TaskDataError(
             f"Could not load the tokenizer {name!r} to size the task prompts ({e}). Pass a local "
-            "checkpoint as pretrained= in --model_args, or --metadata tokenizer=PATH."
+            "checkpoint as pretrained= in --model_args, or --metadata tokenizer=PATH (from Python: "
+            "lm_eval_dlmem.task_manager(model_args, metadata={'tokenizer': PATH}))."
         ) from e
 
 
@@ -118,13 +119,21 @@ class TokenCounter:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def metadata_hint(key: str, value: str) -> str:
+    """How to set a task metadata knob, worded for CLI and Python users alike."""
+    return (f"--metadata {key}={value} on the lm_eval command line (from Python: "
+            f"task_manager=lm_eval_dlmem.task_manager(model_args, metadata={{{key!r}: {value!r}}}))")
+
+
 def require_tokenizer_name(meta: dict, benchmark: str) -> str:
     """The tokenizer named in the metadata, or a clear error when there is none."""
     name = tokenizer_name(meta)
     if name is None:
         raise TaskDataError(
             f"{benchmark} sizes its prompts with the evaluated model's tokenizer, but none was given. "
-            "Pass pretrained=PATH in --model_args (our models do), or --metadata tokenizer=PATH."
+            "From the lm_eval CLI: pass pretrained=PATH in --model_args (our models do), or --metadata "
+            "tokenizer=PATH. From Python: pass task_manager=lm_eval_dlmem.task_manager(model_args) to "
+            "simple_evaluate (or TaskManager(metadata={'tokenizer': PATH}))."
         )
     return name
 

@@ -30,6 +30,7 @@ from functools import lru_cache
 
 from .common import (
     key_request_cache_by_metadata,
+    metadata_hint,
     TaskDataError,
     TokenCounter,
     from_hub,
@@ -115,7 +116,8 @@ def _raw_rows(name: str, data_dir: str | None) -> tuple[dict, ...]:
             return tuple(_normalize(json.loads(line)) for line in f if line.strip())
     import datasets
 
-    hint = f"Pass --metadata longbench_data_dir=DIR holding {name}.jsonl (LongBench's data.zip), or set {DATA_DIR_ENV}."
+    hint = (f"Pass {metadata_hint('longbench_data_dir', 'DIR')} holding {name}.jsonl (LongBench's data.zip), "
+            f"or set {DATA_DIR_ENV}.")
     rows = from_hub(HUB_REPO, lambda: datasets.load_dataset(HUB_REPO, name, split="test"), hint)
     return tuple(_normalize(r) for r in rows)
 

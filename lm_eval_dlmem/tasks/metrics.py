@@ -95,8 +95,9 @@ _EN_PUNCT = frozenset(string.punctuation)
 
 
 def _jieba_cut(text: str) -> list[str]:
-    import jieba
+    from ..extras import require
 
+    jieba = require("jieba", "LongBench's Chinese metrics")
     jieba.setLogLevel(logging.WARNING)
     return list(jieba.cut(text, cut_all=False))
 

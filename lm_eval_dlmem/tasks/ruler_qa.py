@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .common import TaskDataError, from_hub
+from .common import TaskDataError, from_hub, metadata_hint
 
 TEMPLATE = (
     "Answer the question based on the given documents. Only give me the answer and do not output any "
@@ -34,9 +34,13 @@ SQUAD_REPO = "rajpurkar/squad_v2"
 HOTPOT_REPO, HOTPOT_FILE = "namlh2004/hotpotqa", "hotpot_dev_distractor_v1.json"
 HOTPOT_REVISION = "7e54db4656209750ff487f6fdf8e39a66dba136b"
 FILES = {"squad": "squad.json", "hotpotqa": "hotpotqa.json"}
-HINT = ("Download the data once and pass --metadata ruler_qa_dir=DIR with {file} in it (RULER's "
-        "scripts/data/synthetic/json/download_qa_dataset.sh fetches it), or leave these two tasks out "
-        "(dlmem_ruler_<len> groups the 11 offline tasks; dlmem_ruler_all_<len> adds these two).")
+
+
+def data_hint(file: str) -> str:
+    """What to do when the QA data is missing (worded for CLI and Python users)."""
+    return (f"Download the data once and pass {metadata_hint('ruler_qa_dir', 'DIR')} with {file} in it (RULER's "
+            "scripts/data/synthetic/json/download_qa_dataset.sh fetches it), or leave these two tasks out "
+            "(dlmem_ruler_<len> groups the 11 offline tasks; dlmem_ruler_all_<len> adds these two).")
 
 
 @dataclass(frozen=True)
@@ -104,13 +108,13 @@ def load_qa(dataset: str, data_dir: str | None) -> QAData:
     if data_dir:
         path = os.path.join(data_dir, FILES[dataset])
         if not os.path.isfile(path):
-            hint = HINT.format(file=FILES[dataset])
+            hint = data_hint(FILES[dataset])
             raise TaskDataError(f"ruler_qa_dir={data_dir!r} has no {FILES[dataset]}. {hint}")
         with open(path, encoding="utf-8") as f:
             qas, docs = reader(json.load(f))
         source = f"file:{path}"
     else:
-        hint = HINT.format(file=FILES[dataset])
+        hint = data_hint(FILES[dataset])
         if dataset == "squad":
             qas, docs = reader(from_hub(SQUAD_REPO, _squad_hub, hint))
             source = f"hub:{SQUAD_REPO}"

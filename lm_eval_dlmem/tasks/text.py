@@ -46,8 +46,9 @@ BABI_VOCAB = frozenset(
 @lru_cache(maxsize=None)
 def wonderwords_list(name: str) -> tuple[str, ...]:
     """`nounlist.txt`, `adjectivelist.txt` or `verblist.txt` from the wonderwords wheel."""
-    from wonderwords import random_word
+    from ..extras import require
 
+    random_word = require("wonderwords.random_word", "RULER's and BABILong's word lists")
     return tuple(random_word._get_words_from_text_file(name))
 
 
@@ -223,6 +224,7 @@ def haystack_words(source: str, num_words: int) -> list[str]:
 @lru_cache(maxsize=4)
 def split_sentences(text: str) -> tuple[str, ...]:
     """Sentences with an untrained Punkt model (RULER uses trained punkt, which needs a download)."""
-    from nltk.tokenize.punkt import PunktSentenceTokenizer
+    from ..extras import require
 
-    return tuple(PunktSentenceTokenizer().tokenize(text))
+    punkt = require("nltk.tokenize.punkt", "RULER's haystack sentence splitting")
+    return tuple(punkt.PunktSentenceTokenizer().tokenize(text))

@@ -92,7 +92,12 @@ class BlockForward:
         config: `cache`, `cfg_scale`.
         memory: the `Memory` (session open) whose step wraps every forward.
         prompt_len: P, the padded prompt length (positions < P are the prompt).
+
+    `cache_class` makes the cache a block refresh starts (MetaState training swaps in one whose
+    window writes are out of place, so gradients can flow through the cached keys/values).
     """
+
+    cache_class = DiffusionCache
 
     def __init__(self, backbone, config: DecodeConfig, memory, prompt_len: int):
         self.backbone = backbone
@@ -111,7 +116,7 @@ class BlockForward:
         if self.mode == "none":
             return None, None, self.backbone.forwarded(L)
         if refresh or self.cache is None:
-            self.cache = DiffusionCache()
+            self.cache = self.cache_class()
             return self.cache, None, self.backbone.forwarded(L)
         window = (s, L) if self.mode == "prefix" else (s, e)
         return self.cache, window, self.backbone.forwarded(L, window, cached=True)

@@ -93,9 +93,11 @@ class BlockStepForward:
         self.mask_id = backbone.spec.mask_id
         self.cache: DiffusionCache | None = None
         self.step = 0
+        self.block = -1  # a block's first forward (refresh) starts the next block
 
     def __call__(self, rows: BlockRows, starts: torch.Tensor, refresh: bool) -> torch.Tensor:
         ws, we = int(starts.min()), int(starts.max()) + self.n
+        self.block += refresh
         x = rows.x[:, :we]
         attn = None if rows.attn is None else rows.attn[:, :we]
         if self.mode == "none":
@@ -109,6 +111,7 @@ class BlockStepForward:
             self.backbone, self.memory, x, attn, step=self.step,
             mask_ratio=(rows.x[:, self.P :] == self.mask_id).float().mean(-1), cache=cache,
             window=window, span=window or (0, we), keep=(ws, we), block_length=self.n,
+            block_index=self.block,
         )
         self.step += 1
         index = (starts - ws)[:, None] + torch.arange(self.n, device=starts.device)  # [b, n]

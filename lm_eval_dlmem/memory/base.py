@@ -38,6 +38,8 @@ class StepInfo:
         input_ids: [B, L] the rows being forwarded (under classifier-free guidance the 2B rows
             [conditional; unconditional], and mask_ratio has 2B entries).
         full: True when this forward covers the whole canvas (no cache, or a cache refresh).
+        block: index (0-based) of the semi-autoregressive block being decoded; None outside the
+            decode loops (likelihood, the default training unroll).
     """
 
     step: int
@@ -45,6 +47,7 @@ class StepInfo:
     window: tuple[int, int]
     input_ids: torch.Tensor
     full: bool = True
+    block: int | None = None
 
 
 class Memory:

@@ -3,7 +3,8 @@
     python benchmarks/metastate_training_modes.py --out runs/ms-modes [--steps 200] [--threads 1]
 
 On the frozen embedded `tiny-llada` (the base the shipped `tiny-llada-metastate` was trained on)
-and the tiny default's memory data (`training.tiny_default.memory_data`, seed 0), train two
+and the tiny default's memory tasks (`tiny_default.MEMORY_TASKS`, seed 0; `--tokens` long, shorter
+than the tiny default's 512-1024 so that both runs fit a few minutes of a shared CPU), train two
 MetaStates with the tiny default's recipe (`tiny_default.metastate_command`: 16 slots, width
 128, K = 4, batch 4, lr 5e-3, the same number of optimizer steps):
 
@@ -27,6 +28,18 @@ import time
 EVAL_DECODE = "gen_length=32,block_length=8,steps=32,cache=dual"
 
 
+def memory_data(out: str, tokenizer, tokens: tuple[int, int], n_train: int, n_eval: int) -> None:
+    """OUT/memory_{train,eval}.jsonl as `tiny_default.memory_data` writes them, at `tokens` length."""
+    from lm_eval_dlmem.training.synthetic import SyntheticConfig, iter_examples, parse_tasks
+    from lm_eval_dlmem.training.tiny_default import MEMORY_TASKS
+
+    for name, n, seed in (("train", n_train, 2), ("eval", n_eval, 3)):
+        cfg = SyntheticConfig(parse_tasks(MEMORY_TASKS), tokens[0], tokens[1], seed)
+        with open(os.path.join(out, f"memory_{name}.jsonl"), "w") as f:
+            for ex, _ in zip(iter_examples(cfg, tokenizer), range(n)):
+                f.write(json.dumps({"prompt": ex["prompt"], "response": ex["answer"], "task": ex["task"]}) + "\n")
+
+
 def train(out: str, mode: str, steps: int) -> float:
     """One `train metastate` run; returns its wall time in seconds."""
     from lm_eval_dlmem.training import metastate, tiny_default
@@ -36,6 +49,7 @@ def train(out: str, mode: str, steps: int) -> float:
     argv[argv.index("--output-dir") + 1] = os.path.join(out, mode)
     argv[argv.index("--max-steps") + 1] = str(steps)
     argv[argv.index("--save-every") + 1] = "0"
+    argv[argv.index("--eval-every") + 1] = "0"  # held-out losses at the start and the end only
     if mode == "match":
         argv += ["--match-decode", EVAL_DECODE]
     t = time.time()
@@ -65,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tokens", default="160,320", help="min,max example length in tokens")
+    p.add_argument("--train-size", type=int, default=1000)
+    p.add_argument("--eval-size", type=int, default=40)
     p.add_argument("--modes", default="unroll,match", help="which runs to train (the rest are read back)")
     p.add_argument("--eval-only", action="store_true")
     args = p.parse_args(argv)
@@ -74,14 +91,14 @@ def main(argv=None) -> int:
     from lm_eval_dlmem.backbones.loading import load_backbone
     from lm_eval_dlmem.memory import MetaState, NoMemory
     from lm_eval_dlmem.training import metastate as trainer
-    from lm_eval_dlmem.training import tiny_default
     from lm_eval_dlmem.training.data import collate, load_pairs, tokenize_pairs
     from lm_eval_dlmem.training.decode_unroll import parse_decode
 
     base = load_backbone("tiny-llada", dtype="float32")
     os.makedirs(args.out, exist_ok=True)
     if not os.path.isfile(os.path.join(args.out, "memory_eval.jsonl")):
-        tiny_default.memory_data(args.out, 0, base.tokenizer)
+        lo, hi = (int(x) for x in args.tokens.split(","))
+        memory_data(args.out, base.tokenizer, (lo, hi), args.train_size, args.eval_size)
     times = {}
     if not args.eval_only:
         for mode in filter(None, args.modes.split(",")):

@@ -58,12 +58,13 @@ def train(out: str, mode: str, steps: int) -> float:
     return time.time() - t
 
 
-def accuracy(backbone, memory, examples, config, batch_size=8) -> tuple[float, int]:
-    """Mean held-out score (0-100) decoding with `config`."""
+def accuracy(backbone, memory, examples, config, batch_size=8) -> tuple[float, float, int]:
+    """Decoding with `config`: (mean held-out task score 0-100, answer token accuracy in %: the
+    share of response tokens, its EOS included, decoded at their exact position, n)."""
     from lm_eval_dlmem.decoding.engine import generate, left_pad
     from lm_eval_dlmem.training.tiny_default import score
 
-    scores = []
+    scores, hits, total = [], 0, 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
         ids, mask = left_pad([e["input_ids"][: e["prompt_len"]] for e in chunk], backbone.spec.eos_id)
@@ -71,7 +72,10 @@ def accuracy(backbone, memory, examples, config, batch_size=8) -> tuple[float, i
         for e, row in zip(chunk, out.tolist()):
             stop = next((k for k, t in enumerate(row) if t in backbone.spec.stop_ids), len(row))
             scores.append(score(e, backbone.tokenizer.decode(row[:stop], skip_special_tokens=True)))
-    return round(sum(scores) / len(scores), 2), len(scores)
+            ref = e["input_ids"][e["prompt_len"]:]
+            hits += sum(a == b for a, b in zip(row, ref))
+            total += len(ref)
+    return round(sum(scores) / len(scores), 2), round(100 * hits / total, 2), len(scores)
 
 
 def main(argv=None) -> int:
@@ -131,9 +135,11 @@ def main(argv=None) -> int:
         print(name, report["models"][name], flush=True)
     with open(os.path.join(args.out, "modes.json"), "w") as f:
         json.dump(report, f, indent=2)
-    print("| model | held-out 4-step loss (default unroll) | held-out trajectory loss (eval decode) | accuracy |")
+    print("| model | held-out 4-step loss (default unroll) | held-out trajectory loss (eval decode) "
+          "| task score | answer token accuracy |")
     for name, r in report["models"].items():
-        print(f"| {name} | {r['kstep_loss']:.4f} | {r['trajectory_loss']:.4f} | {r['accuracy'][0]:.1f} (n={r['accuracy'][1]}) |")
+        score, tokens, n = r["accuracy"]
+        print(f"| {name} | {r['kstep_loss']:.4f} | {r['trajectory_loss']:.4f} | {score:.1f} (n={n}) | {tokens:.1f}% |")
     return 0
 
 

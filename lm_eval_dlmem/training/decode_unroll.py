@@ -208,14 +208,6 @@ def trajectory_loss(backbone, memory, batch: dict, config: DecodeConfig, window:
     return per_forward.sum(), per_forward, forward.tokens
 
 
-def step_mean_loss(backbone, memory, batch, config, window, seeds):
-    """The training objective: the sum over the window's forwards of each forward's token-mean CE
-    (the default unroll's per-step mean, summed over K)."""
-    _, per_forward, tokens = trajectory_loss(backbone, memory, batch, config, window, seeds)
-    counts = torch.tensor(tokens, device=per_forward.device, dtype=per_forward.dtype).clamp_min(1)
-    return (per_forward / counts).sum()
-
-
 def parse_decode(text: str, flag: str = "--match-decode") -> DecodeConfig:
     """`gen_length=256,block_length=32,steps=256,cache=dual` (the decode part of the lm_eval
     model args the MetaState will be evaluated with) -> `DecodeConfig`; any field may be given,

@@ -6,7 +6,8 @@
 One training example is a prompt/response pair (the prompt is never masked). The unroll places
 the response somewhere on a `denoise_steps`-step linear schedule (a random start step s0, so
 every phase of decoding is seen): a random subset of ceil(R (T - s0) / T) response tokens is
-masked, then K consecutive denoising steps run exactly as at inference: forward with the memory,
+masked, then K consecutive denoising steps run as at inference with one block and no cache
+(every forward reads and writes the whole canvas): forward with the memory,
 commit the most confident masked positions with the backbone's argmax predictions (LLaDA's
 low-confidence remasking; the choice carries no gradient), carry the state. The loss is the
 masked-token cross-entropy of each step summed over the K steps, back-propagated through the

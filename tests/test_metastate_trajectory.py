@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 PAIRS = [("Repeat: apple river", "apple river"), ("Repeat: one", "one"), ("Where is the forest now?", "here")]
 CONFIGS = [
     dict(cache="none"),
-    dict(cache="prefix"),
+    dict(cache="prefix", logits_eos_inf=True),
     dict(cache="dual"),
     dict(cache="dual", strategy="threshold", threshold=0.5),
     dict(cache="none", remasking="random", temperature=0.7, cfg_scale=1.0),
@@ -76,21 +76,31 @@ def config(**overrides):
     return DecodeConfig(**{**dict(gen_length=8, block_length=4, steps=8, stop_early=False), **overrides})
 
 
-@pytest.mark.parametrize("overrides", CONFIGS)
-def test_training_forward_reads_writes_and_commits_like_the_decode(llada, overrides):
+@pytest.fixture(scope="module")
+def dream(tiny_ckpts):
+    bb = load_backbone(tiny_ckpts["dream"])
+    bb.model.requires_grad_(False)
+    return bb
+
+
+@pytest.mark.parametrize("family,overrides", [("llada", c) for c in CONFIGS] + [
+    ("dream", dict(cache="dual", strategy="dream", alg="entropy")),  # the shift forwards one extra position
+])
+def test_training_forward_reads_writes_and_commits_like_the_decode(request, family, overrides):
+    bb = request.getfixturevalue(family)
     cfg, seeds = config(**overrides), [5, 6, 7]
-    batch = decode_batch(examples(llada), cfg.gen_length, llada.spec.eos_id)
-    decoded, trained = memory(llada), memory(llada)
-    out = generate(llada, batch["input_ids"], batch["attention_mask"], cfg, decoded, seeds=seeds)
-    loss, per_forward, _ = trajectory_loss(llada, trained, batch, cfg, Window(0, trajectory_forwards(cfg)), seeds)
+    batch = decode_batch(examples(bb), cfg.gen_length, bb.spec.eos_id)
+    decoded, trained = memory(bb), memory(bb)
+    out = generate(bb, batch["input_ids"], batch["attention_mask"], cfg, decoded, seeds=seeds)
+    loss, per_forward, _ = trajectory_loss(bb, trained, batch, cfg, Window(0, trajectory_forwards(cfg)), seeds)
     dec, tr = decoded.done, trained.done
     assert len(tr) == len(dec) and len(dec) >= cfg.num_blocks
     for i, (a, b) in enumerate(zip(dec, tr)):
         assert a["read"] == b["read"] and a["write"] == b["write"], i
         assert torch.equal(a["canvas"], b["canvas"]), i
     if overrides["cache"] == "dual":  # the window steps read and write the active block only
-        P = batch["input_ids"].shape[1]
-        assert dec[1]["read"] == (P, P + cfg.block_length) and dec[0]["read"] == (0, P + cfg.gen_length)
+        P, shift = batch["input_ids"].shape[1], int(family == "dream")
+        assert dec[1]["read"] == (P - shift, P + cfg.block_length) and dec[0]["read"] == (0, P + cfg.gen_length)
     loss.backward()  # gradients flow through the whole trajectory, the cache included
     assert trained.mixer.k.weight.grad.abs().sum() > 0 and trained.injector.gate.grad.abs().sum() > 0
     assert out.shape == (3, cfg.gen_length)

@@ -140,6 +140,7 @@ class MemoryArgs:
     adapts only when asked)."""
 
     metastate: str | None = None
+    metastate_carry: str = "full"  # full | none | first_block: the no-carry ablations (memory/carry.py)
     adapter: str | None = None
     inner_steps: int = 0
     inner_lr: float = _MEMDLM.inner_lr
@@ -210,6 +211,7 @@ class ModelArgs:
             self.metastate = None
         if self.adapter is not None and self.adapter.lower() == "none":
             self.adapter = None
+        self._check_carry()
         if self.metastate and (self.adapter or self.inner_steps):
             raise ValueError("metastate= and MemDLM (adapter=/inner_steps=) cannot be combined in one run; "
                              "evaluate them as separate runs.")
@@ -220,6 +222,16 @@ class ModelArgs:
             log.warning("batch_size=%s: the N of auto:N is ignored. batch_size=auto is never recomputed: it "
                         "starts at max_batch_size (default 64) and halves on out-of-memory for the rest of "
                         "the run.", self.batch_size)
+
+    def _check_carry(self) -> None:
+        """metastate_carry= is one of the modes, and only given with a MetaState to ablate."""
+        from .memory.carry import CARRY_MODES
+
+        if self.metastate_carry not in CARRY_MODES:
+            raise ValueError(f"metastate_carry={self.metastate_carry!r}; choose one of {', '.join(CARRY_MODES)}.")
+        if self.metastate_carry != "full" and not self.metastate:
+            raise ValueError(f"metastate_carry={self.metastate_carry} ablates a MetaState's carry, but no metastate= "
+                             "is given; pass metastate=PATH or drop metastate_carry.")
 
     @classmethod
     def from_kwargs(cls, defaults: dict | None = None, **kwargs) -> "ModelArgs":
@@ -274,6 +286,8 @@ class ModelArgs:
     def fingerprint_fields(self) -> dict:
         """Everything that can change a model output (for cache namespacing)."""
         skip = {"batch_size", "max_batch_size", "device", "parallelize"}
+        if self.metastate_carry == "full":  # the method itself: runs keep the fingerprint they had
+            skip.add("metastate_carry")
         return {k: v for k, v in self.flat().items() if k not in skip}
 
 

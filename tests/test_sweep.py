@@ -138,6 +138,56 @@ def _check_llada21_rows(runs):
             "llada2", 32, 32, 0.95, 0.0)
 
 
+PAPER_GRID = {  # sweep stem -> (model, pretrained, tasks): the MetaState paper's table
+    "metastate_paper_llada_base": ("metastate-llada", "GSAI-ML/LLaDA-8B-Base", ["gsm8k", "minerva_math500", "humaneval", "mbpp"]),
+    "metastate_paper_llada_instruct": ("metastate-llada", "GSAI-ML/LLaDA-8B-Instruct",
+                                       ["gsm8k", "minerva_math500", "humaneval_instruct", "mbpp_instruct"]),
+    "metastate_paper_dream_base": ("metastate-dream", "Dream-org/Dream-v0-Base-7B", ["gsm8k", "minerva_math500", "humaneval", "mbpp"]),
+    "metastate_paper_dream_instruct": ("metastate-dream", "Dream-org/Dream-v0-Instruct-7B",
+                                       ["gsm8k", "minerva_math500", "humaneval_instruct", "mbpp_instruct"]),
+}
+
+
+def lm_eval_task_names() -> set:
+    """Task names of the installed lm-eval's own task YAMLs (`task: NAME`), without indexing them."""
+    import re
+
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    return {m.group(1) for f in root.rglob("*.yaml") for m in re.finditer(r"(?m)^task: *(\S+)", f.read_text(errors="ignore"))}
+
+
+@pytest.mark.parametrize("stem", sorted(PAPER_GRID))
+def test_metastate_paper_grid_sweeps(monkeypatch, stem):
+    """Each backbone/variant file: frozen vs MetaState and the two no-carry ablations, differing in
+    exactly the memory args, with the project page's decoding, valid model args and real task names."""
+    from lm_eval_dlmem.harness import MetaStateDream, MetaStateLLaDA
+    from lm_eval_dlmem.model_args import ModelArgs
+
+    monkeypatch.setenv(f"METASTATE_{stem.split('metastate_paper_')[1].upper()}", "/ckpt/ms")
+    sweep = load_sweep(str(EXAMPLES / f"{stem}.yaml"))
+    model, pretrained, tasks = PAPER_GRID[stem]
+    runs = {r.name: r for r in sweep.runs}
+    assert list(runs) == ["frozen", "metastate", "metastate_no_carry", "metastate_first_block"]
+    frozen = runs["frozen"].model_args
+    assert frozen["metastate"] == "none" and frozen["pretrained"] == pretrained
+    assert {k: frozen[k] for k in ("gen_length", "block_length", "cache")} == {"gen_length": 256, "block_length": 32, "cache": "dual"}
+    expected = {"metastate": {"metastate"}, "metastate_no_carry": {"metastate", "metastate_carry"},
+                "metastate_first_block": {"metastate", "metastate_carry"}}
+    for name, changed in expected.items():
+        args = runs[name].model_args
+        assert {k for k in set(args) | set(frozen) if args.get(k) != frozen.get(k)} == changed, name
+        assert args["metastate"] == "/ckpt/ms"
+    assert runs["metastate_no_carry"].model_args["metastate_carry"] == "none"
+    assert runs["metastate_first_block"].model_args["metastate_carry"] == "first_block"
+    preset = {"metastate-llada": MetaStateLLaDA, "metastate-dream": MetaStateDream}[model].preset
+    for run in runs.values():
+        assert run.model == model and run.tasks == tasks
+        ModelArgs.from_kwargs(defaults=preset, **run.model_args)  # every arg valid, values in range
+    assert set(tasks) <= lm_eval_task_names()
+
+
 # ---- end to end -----------------------------------------------------------------------------
 def test_sweep_runs_skips_survives_a_crash_and_compares(tiny_ckpts, length_tasks, tmp_path, monkeypatch, capsys,
                                                         quick_lm_eval):

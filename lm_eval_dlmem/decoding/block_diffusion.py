@@ -93,10 +93,12 @@ class BlockStepForward:
         self.mask_id = backbone.spec.mask_id
         self.cache: DiffusionCache | None = None
         self.step = 0
+        self.block = -1  # a block's first forward (refresh) starts the next block
 
     def __call__(self, rows: BlockRows, starts: torch.Tensor, refresh: bool, live=None) -> torch.Tensor:
         """`live` [b] bool: rows still decoding their block (None = all); the others only wait."""
         ws, we = int(starts.min()), int(starts.max()) + self.n
+        self.block += refresh
         x = rows.x[:, :we]
         attn = None if rows.attn is None else rows.attn[:, :we]
         if self.mode == "none":
@@ -112,7 +114,7 @@ class BlockStepForward:
         logits = forward_step(
             self.backbone, self.memory, x, attn, step=self.step, mask_ratio=self.mask_ratio(rows),
             cache=cache, window=window, span=window or (0, we), keep=(ws, we), block_length=self.n,
-            visible=visible,
+            visible=visible, block_index=self.block,
         )
         self.step += 1
         index = (starts - ws)[:, None] + torch.arange(self.n, device=starts.device)  # [b, n]

@@ -49,7 +49,7 @@ def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Tensor, cfg_scale: float = 0.0,
                  uncond_mask=None, cache=None, window=None, span=None, keep=None, upcast: bool = False,
-                 block_length: int | None = None, visible=None):
+                 block_length: int | None = None, visible=None, block_index: int | None = None):
     """One forward of `ids` inside the memory's step, with classifier-free guidance.
 
     Args:
@@ -67,6 +67,7 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
         block_length: block-causal attention with blocks of this many tokens (block-causal
             families, LLaDA2.x decoding); None attends bidirectionally.
         visible: `StepInfo.visible` ([B, L] bool: what each row forwards alone), or None.
+        block_index: the decode loop's block number, for `StepInfo.block`.
 
     Returns:
         logits [B, keep_len, V].
@@ -76,7 +77,7 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
         ids, attn = guidance_batch(ids, attn, uncond_mask, backbone.spec.mask_id)
         mask_ratio = torch.cat([mask_ratio, mask_ratio])
     info = StepInfo(step=step, mask_ratio=mask_ratio, window=span or (0, ids.shape[1]), input_ids=ids,
-                    full=window is None, visible=visible)
+                    full=window is None, visible=visible, block=block_index)
     blocks = {} if block_length is None else {"block_length": block_length}
     with memory.step(info):
         logits = backbone.logits(ids, attn, cache=cache, window=window, keep=keep, **blocks)
@@ -93,7 +94,12 @@ class BlockForward:
         config: `cache`, `cfg_scale`.
         memory: the `Memory` (session open) whose step wraps every forward.
         prompt_len: P, the padded prompt length (positions < P are the prompt).
+
+    `cache_class` makes the cache a block refresh starts (MetaState training swaps in one whose
+    window writes are out of place, so gradients can flow through the cached keys/values).
     """
+
+    cache_class = DiffusionCache
 
     def __init__(self, backbone, config: DecodeConfig, memory, prompt_len: int):
         self.backbone = backbone
@@ -104,6 +110,7 @@ class BlockForward:
         self.mask_id = backbone.spec.mask_id
         self.cache: DiffusionCache | None = None
         self.step = 0
+        self.block = -1  # a block's first forward (refresh) starts the next block
 
     def window(self, L: int, block: tuple[int, int], refresh: bool):
         """(cache, window, span) of this step: a full forward filling a fresh cache at a block's
@@ -112,19 +119,20 @@ class BlockForward:
         if self.mode == "none":
             return None, None, self.backbone.forwarded(L)
         if refresh or self.cache is None:
-            self.cache = DiffusionCache()
+            self.cache = self.cache_class()
             return self.cache, None, self.backbone.forwarded(L)
         window = (s, L) if self.mode == "prefix" else (s, e)
         return self.cache, window, self.backbone.forwarded(L, window, cached=True)
 
     def __call__(self, x, attn, block: tuple[int, int], refresh: bool) -> torch.Tensor:
         cache, window, span = self.window(x.shape[1], block, refresh)
+        self.block += refresh
         prompt = torch.zeros(1, x.shape[1], dtype=torch.bool, device=x.device)
         prompt[:, : self.P] = True  # the unconditional copy masks every prompt column, padding too
         logits = forward_step(
             self.backbone, self.memory, x, attn, step=self.step,
             mask_ratio=(x[:, self.P :] == self.mask_id).float().mean(-1), cfg_scale=self.cfg_scale,
-            uncond_mask=prompt, cache=cache, window=window, span=span, keep=block,
+            uncond_mask=prompt, cache=cache, window=window, span=span, keep=block, block_index=self.block,
         )
         self.step += 1
         return logits

@@ -43,6 +43,8 @@ class StepInfo:
             whose blocks sit at different columns and keeps forwarding rows that wait for their
             batch-mates (no visible position); a memory that changes per step reads and updates
             only through this, so a row's memory does not depend on its batch-mates.
+        block: index (0-based) of the semi-autoregressive block being decoded; None outside the
+            decode loops (likelihood, the default training unroll).
     """
 
     step: int
@@ -51,6 +53,7 @@ class StepInfo:
     input_ids: torch.Tensor
     full: bool = True
     visible: torch.Tensor | None = None
+    block: int | None = None
 
 
 class Memory:

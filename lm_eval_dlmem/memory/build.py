@@ -1,6 +1,6 @@
 """The memory a run's model args ask for, assembled on its backbone.
 
-`metastate=` loads a MetaState; `adapter=` applies the outer MemDLM LoRA (a new `Backbone` whose
+`metastate=` loads a MetaState (under the `metastate_carry=` ablation, `carry.py`); `adapter=` applies the outer MemDLM LoRA (a new `Backbone` whose
 model is the PeftModel) and `inner_steps=` > 0 adds the inference inner loop on top; otherwise the
 frozen baseline `NoMemory`.
 """
@@ -20,9 +20,10 @@ def build_memory(args, backbone) -> tuple[object, Memory]:
         `adapter=` is given, else `backbone` itself) and the memory built on it.
     """
     if args.metastate:
+        from .carry import with_carry
         from .metastate import load_memory_for
 
-        return backbone, load_memory_for(args.metastate, backbone)
+        return backbone, with_carry(load_memory_for(args.metastate, backbone), args.metastate_carry)
     if args.adapter:
         backbone = _with_adapter(args, backbone)
     if args.inner_steps > 0:

@@ -342,6 +342,11 @@ class MetaState(Memory, nn.Module):
         if self._cond is not None:
             self._cond = self._cond.index_select(0, rows)
 
+    def detach_state(self) -> None:
+        """Cut the gradient path into the state built so far (truncated BPTT in training)."""
+        if self.state is not None:
+            self.state = self.state.detach()
+
     def end(self) -> None:
         for handle in self._hooks:
             handle.remove()

@@ -6,12 +6,19 @@
 One training example is a prompt/response pair (the prompt is never masked). The unroll places
 the response somewhere on a `denoise_steps`-step linear schedule (a random start step s0, so
 every phase of decoding is seen): a random subset of ceil(R (T - s0) / T) response tokens is
-masked, then K consecutive denoising steps run exactly as at inference: forward with the memory,
+masked, then K consecutive denoising steps run as at inference with one block and no cache
+(every forward reads and writes the whole canvas): forward with the memory,
 commit the most confident masked positions with the backbone's argmax predictions (LLaDA's
 low-confidence remasking; the choice carries no gradient), carry the state. The loss is the
 masked-token cross-entropy of each step summed over the K steps, back-propagated through the
 state (BPTT over the K forwards). Only MetaState parameters train; the backbone is frozen (bf16,
 or 4-bit with --load-in-4bit, on CUDA; float32 on CPU).
+
+`--match-decode gen_length=256,block_length=32,steps=256,cache=dual` trains along the
+trajectory the evaluation decodes instead (`decode_unroll.py`): semi-autoregressive blocks,
+the strategy's own commits, the cache mode's read/write windows; K consecutive forwards from a
+random point of that trajectory (crossing block boundaries), `--truncate-every` for truncated
+BPTT. `--gradient-checkpointing` recomputes the frozen blocks in backward.
 
 Multi-GPU: `accelerate launch -m lm_eval_dlmem.cli train metastate ...` (data parallel).
 The output directory holds the final MetaState (`metastate=OUTPUT_DIR` in lm_eval model args),
@@ -24,7 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -46,14 +53,31 @@ class UnrollConfig:
         pad_as_response: the right padding (EOS) is part of the response, attended and
             predicted, as in LLaDA's SFT: at inference the generation region after the answer
             is EOS too. False: padding is neither attended nor predicted.
+        decode: with a `DecodeConfig`, train along its decoding trajectory (`--match-decode`):
+            K is then a window of its forwards and `denoise_steps` is unused.
+        truncate_every: `--match-decode`: detach the state every this many forwards (0 = never).
     """
 
     unroll_steps: int = 4
     denoise_steps: int = 16
     pad_as_response: bool = True
+    decode: object = field(default=None)
+    truncate_every: int = 0
 
     def __post_init__(self):
-        if not 1 <= self.unroll_steps <= self.denoise_steps:
+        if self.decode is not None:
+            from .decode_unroll import check_trajectory_config, trajectory_forwards
+
+            check_trajectory_config(self.decode)
+            total = trajectory_forwards(self.decode)
+            if not 1 <= self.unroll_steps <= total:
+                raise ValueError(f"--unroll-steps {self.unroll_steps} must be between 1 and the {total} forwards of "
+                                 "the --match-decode trajectory (its steps).")
+            if self.truncate_every < 0:
+                raise ValueError(f"--truncate-every {self.truncate_every} must be >= 0 (0 = never).")
+        elif self.truncate_every:
+            raise ValueError("--truncate-every needs --match-decode (the default unroll is short: K forwards).")
+        elif not 1 <= self.unroll_steps <= self.denoise_steps:
             raise ValueError(f"Need 1 <= unroll_steps ({self.unroll_steps}) <= denoise_steps ({self.denoise_steps}).")
 
 
@@ -126,14 +150,51 @@ class UnrolledDenoiser(nn.Module):
         self.cfg = cfg
 
     def forward(self, batch: dict, seed: int):
-        return unrolled_loss(self.backbone, self.metastate, batch, self.cfg, torch.Generator().manual_seed(seed))
+        g = torch.Generator().manual_seed(seed)
+        if self.cfg.decode is not None:
+            return match_decode_loss(self.backbone, self.metastate, batch, self.cfg, g)
+        return unrolled_loss(self.backbone, self.metastate, batch, self.cfg, g)
+
+
+def match_decode_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: torch.Generator):
+    """`--match-decode`: K forwards from a random start s0 of the decoding trajectory; returns
+    (sum over the K forwards of each one's token-mean CE, per-forward summed CE)."""
+    from .decode_unroll import Window, trajectory_forwards, trajectory_loss
+
+    B = batch["input_ids"].shape[0]
+    s0 = int(torch.randint(0, trajectory_forwards(cfg.decode) - cfg.unroll_steps + 1, (1,), generator=generator))
+    seeds = torch.randint(0, 2**31 - 1, (B,), generator=generator).tolist()
+    window = Window(s0, cfg.unroll_steps, cfg.truncate_every)
+    _, per_forward, tokens = trajectory_loss(backbone, memory, batch, cfg.decode, window, seeds)
+    counts = torch.tensor(tokens, device=per_forward.device, dtype=per_forward.dtype).clamp_min(1)
+    return (per_forward / counts).sum(), per_forward
+
+
+@torch.no_grad()
+def evaluate_trajectory(backbone, memory, batches, cfg: UnrollConfig, seed: int = 1234, accelerator=None) -> float:
+    """`--match-decode` held-out loss: the token-mean CE over every masked position of the
+    active block at every forward of the whole decoding trajectory (the evaluation decode, with
+    the data as targets)."""
+    from .decode_unroll import Window, trajectory_forwards, trajectory_loss
+
+    total = torch.zeros(2, dtype=torch.float64)
+    window = Window(0, trajectory_forwards(cfg.decode))
+    for i, batch in enumerate(batches):
+        seeds = [seed + i * 1000 + r for r in range(batch["input_ids"].shape[0])]
+        loss, _, tokens = trajectory_loss(backbone, memory, batch, cfg.decode, window, seeds)
+        total += torch.tensor([float(loss), float(sum(tokens))], dtype=torch.float64)
+    if accelerator is not None:
+        total = accelerator.reduce(total.to(accelerator.device), "sum").cpu()
+    return float(total[0] / total[1].clamp_min(1))
 
 
 @torch.no_grad()
 def evaluate(backbone, memory, batches, cfg: UnrollConfig, seed: int = 1234, accelerator=None) -> float:
     """Held-out K-step denoising loss: per step, the token-mean CE over all batches; summed over K.
     The same seed gives the same starts and masks, so MetaState and the frozen model are compared
-    on identical inputs."""
+    on identical inputs. With `--match-decode`: `evaluate_trajectory`."""
+    if cfg.decode is not None:
+        return evaluate_trajectory(backbone, memory, batches, cfg, seed, accelerator)
     total = torch.zeros(2, cfg.unroll_steps, dtype=torch.float64)
     for i, batch in enumerate(batches):
         g = torch.Generator().manual_seed(seed + i)
@@ -171,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unroll-steps", type=int, default=4, help="K: denoising steps unrolled per example")
     p.add_argument("--denoise-steps", type=int, default=16, help="T: steps of the schedule the K steps are cut from")
     p.add_argument("--ignore-padding", action="store_true", help="do not treat the EOS right padding as response to predict")
+    p.add_argument("--match-decode", default=None, metavar="FIELD=VALUE,...",
+                   help="train along the decoding trajectory of this DecodeConfig (the decode model args of the "
+                        "evaluation, e.g. gen_length=256,block_length=32,steps=256,cache=dual); K = --unroll-steps "
+                        "consecutive forwards of it")
+    p.add_argument("--truncate-every", type=int, default=0,
+                   help="--match-decode: detach the state every N forwards of the K (truncated BPTT; 0 = never)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute the frozen backbone's blocks in backward (less activation memory, ~1 more forward)")
     # optimisation
     p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
@@ -188,6 +257,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from, or 'latest' in --output-dir")
     p.add_argument("--cpu", action="store_true", help="force CPU even when CUDA is available")
     return p
+
+
+def unroll_config(args) -> UnrollConfig:
+    """The `UnrollConfig` of the command line (with the `--match-decode` DecodeConfig parsed)."""
+    decode = None
+    if args.match_decode:
+        from .decode_unroll import parse_decode
+
+        decode = parse_decode(args.match_decode)
+    return UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding, decode, args.truncate_every)
+
+
+def batch_maker(ucfg: UnrollConfig, pad_id: int):
+    """examples -> a batch in the unroll's layout: right-padded (`collate`) or, with
+    `--match-decode`, the decode loop's left-padded prompts and generation region."""
+    from .data import collate
+    from .decode_unroll import decode_batch
+
+    if ucfg.decode is None:
+        return lambda examples: collate(examples, pad_id)
+    return lambda examples: decode_batch(examples, ucfg.decode.gen_length, pad_id, not ucfg.pad_as_response)
+
+
+def fitting(examples, ucfg: UnrollConfig, name: str):
+    """With `--match-decode`, the examples whose response fits gen_length (the count dropped is
+    printed; none left is an error)."""
+    if ucfg.decode is None:
+        return examples
+    from .decode_unroll import fits_generation
+
+    kept = fits_generation(examples, ucfg.decode.gen_length)
+    if not kept:
+        raise ValueError(f"No {name} response fits --match-decode gen_length={ucfg.decode.gen_length}; raise it.")
+    if len(kept) < len(examples):
+        print(f"--match-decode: dropped {len(examples) - len(kept)} of {len(examples)} {name} pairs whose "
+              f"response is longer than gen_length={ucfg.decode.gen_length}.")
+    return kept
 
 
 def load_examples(args, tokenizer):
@@ -209,8 +315,9 @@ class Batches:
     """Deterministic micro-batches: batch i of process `rank` comes from a per-epoch permutation
     seeded by (seed, epoch), so a resumed run sees exactly the batches it would have seen."""
 
-    def __init__(self, examples, batch_size, pad_id, seed, rank=0, world=1, device="cpu"):
+    def __init__(self, examples, batch_size, pad_id, seed, rank=0, world=1, device="cpu", make_batch=None):
         self.examples, self.bs, self.pad_id, self.seed = examples, batch_size, pad_id, seed
+        self.make_batch = make_batch
         self.rank, self.world, self.device = rank, world, device
         self.per_epoch = len(examples) // (batch_size * world)
         if self.per_epoch == 0:
@@ -222,18 +329,21 @@ class Batches:
         epoch, j = divmod(i, self.per_epoch)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.seed + epoch))
         start = (j * self.world + self.rank) * self.bs
-        return to_device(collate([self.examples[k] for k in order[start : start + self.bs].tolist()], self.pad_id), self.device)
+        chosen = [self.examples[k] for k in order[start : start + self.bs].tolist()]
+        batch = self.make_batch(chosen) if self.make_batch else collate(chosen, self.pad_id)
+        return to_device(batch, self.device)
 
 
 def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def eval_batches(examples, batch_size, pad_id, accelerator) -> list[dict]:
+def eval_batches(examples, batch_size, pad_id, accelerator, make_batch=None) -> list[dict]:
     from .data import collate
 
+    make_batch = make_batch or (lambda chunk: collate(chunk, pad_id))
     mine = examples[accelerator.process_index :: accelerator.num_processes]
-    return [to_device(collate(mine[i : i + batch_size], pad_id), accelerator.device) for i in range(0, len(mine), batch_size)]
+    return [to_device(make_batch(mine[i : i + batch_size]), accelerator.device) for i in range(0, len(mine), batch_size)]
 
 
 def make_optimizer(module, args):
@@ -257,8 +367,9 @@ def setup(args):
     from ..backbones.loading import load_backbone
     from ..memory.metastate import MetaState
 
-    # with K = 1 the Mixer/Updater output never reaches the loss: DDP must allow unused parameters
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.unroll_steps == 1)
+    # with K = 1 (or the state detached every forward) the Mixer/Updater output never reaches the
+    # loss: DDP must allow unused parameters
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=args.unroll_steps == 1 or args.truncate_every == 1)
     acc = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=args.cpu, kwargs_handlers=[ddp])
     on_cuda = acc.device.type == "cuda"
     if args.load_in_4bit and not on_cuda:
@@ -283,18 +394,25 @@ def setup(args):
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
-    model, optimizer = acc.prepare(UnrolledDenoiser(ms, backbone, UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)), optimizer)
+    if args.gradient_checkpointing:
+        from .checkpointing import check_checkpointing, checkpoint_blocks
+
+        check_checkpointing(unroll_config(args).decode)
+        checkpoint_blocks(backbone)
+    model, optimizer = acc.prepare(UnrolledDenoiser(ms, backbone, unroll_config(args)), optimizer)
     return acc, backbone, ms, model, optimizer, scheduler, step, resume
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    ucfg = UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)
+    ucfg = unroll_config(args)
     acc, backbone, ms, model, optimizer, scheduler, step, resume = setup(args)
     train, held_out = load_examples(args, backbone.tokenizer)
+    train, held_out = fitting(train, ucfg, "training"), fitting(held_out, ucfg, "held-out")
     pad_id = backbone.spec.eos_id  # EOS padding, as the generation region is filled at inference
-    batches = Batches(train, args.batch_size, pad_id, args.seed, acc.process_index, acc.num_processes, acc.device)
-    evals = eval_batches(held_out, args.batch_size, pad_id, acc)
+    make = batch_maker(ucfg, pad_id)
+    batches = Batches(train, args.batch_size, pad_id, args.seed, acc.process_index, acc.num_processes, acc.device, make)
+    evals = eval_batches(held_out, args.batch_size, pad_id, acc, make)
     os.makedirs(args.output_dir, exist_ok=True)
     log = open(os.path.join(args.output_dir, "train_log.jsonl"), "a") if acc.is_main_process else None
 
@@ -337,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     record(step=step, eval_metastate=final)
     if acc.is_main_process:
         ms.save_pretrained(args.output_dir)
-        print(f"held-out {ucfg.unroll_steps}-step loss: metastate {final:.4f}; saved {args.output_dir}")
+        what = "trajectory" if ucfg.decode is not None else f"{ucfg.unroll_steps}-step"
+        print(f"held-out {what} loss: metastate {final:.4f}; saved {args.output_dir}")
     if log:
         log.close()
     return 0

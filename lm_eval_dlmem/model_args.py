@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
 from .decoding.config import DECODE_RANGES, DecodeConfig
-from .decoding.strategies import REGISTRY
+from .decoding.strategies import REGISTRY, check_strategy_fits
 from .memory.fast_weights import MemDLMConfig
 
 log = logging.getLogger(__name__)
@@ -353,3 +353,19 @@ def _cast(name: str, value, hint):
             f"Model arg {name}={value!r} is malformed: expected {getattr(target, '__name__', target)}."
         ) from None
     return value
+
+
+def resolve_strategy(args: ModelArgs, spec) -> None:
+    """Fix the decoding strategy before any request: `strategy=` (or the preset's), else the
+    family's `default_strategy` (LLaDA2.x: `llada2`), else DecodeConfig's; `threshold=None`
+    becomes the strategy's default, so the run fingerprint holds what decoding uses.
+
+    Raises:
+        ValueError: the strategy's attention pattern is not the family's (a bidirectional
+            strategy on LLaDA2.x would decode with attention the model was not trained for).
+    """
+    if args.strategy is None:
+        args.strategy = spec.default_strategy or DecodeConfig.strategy
+    check_strategy_fits(args.strategy, spec, arg=args.typed_names.get("strategy", "strategy"))
+    if args.threshold is None:
+        args.threshold = DecodeConfig.default_threshold(args.strategy)

@@ -40,6 +40,31 @@ def seed_of(base: int, *parts, repeat: int = 0) -> int:
     return request_seed(base, json.dumps(parts, sort_keys=True, default=str).encode())
 
 
+def encode(tokenizer, spec, text: str, add_bos: bool | None) -> list[int]:
+    """A text's token ids, with the family's BOS in front when `add_bos` (None: the family's
+    default, `FamilySpec.bos_by_default`) and the text does not already start with it."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if add_bos is None:
+        add_bos = spec.bos_by_default and spec.bos_id is not None
+    if add_bos and spec.bos_id is not None and (not ids or ids[0] != spec.bos_id):
+        ids = [spec.bos_id] + ids
+    return ids
+
+
+def chat_prompt(tokenizer, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+    """The tokenizer's chat template applied to lm-eval's chat history. A template without a
+    system role gets the system message prepended to the first remaining turn instead."""
+    kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
+              continue_final_message=not add_generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(chat_history, **kw)
+    except Exception:  # templates without a system role (jinja raises its own types)
+        history = [m for m in chat_history if m["role"] != "system"]
+        if chat_history and chat_history[0]["role"] == "system" and history:
+            history[0] = {**history[0], "content": chat_history[0]["content"] + "\n\n" + history[0]["content"]}
+        return tokenizer.apply_chat_template(history, **kw)
+
+
 def repeat_indices(requests) -> list[int]:
     """k for the k-th copy of a request in the list, 0 for a request that appears once.
 

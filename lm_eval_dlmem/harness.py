@@ -17,12 +17,11 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from .backbones.loading import load_backbone
-from .batching import (LIKELIHOOD_CHUNK, BatchSize, GenerationRequests, fit_pair, repeat_indices, seed_of,
-                       warn_is_greedy_not_computed)
-from .decoding.config import DecodeConfig
+from .batching import (LIKELIHOOD_CHUNK, BatchSize, GenerationRequests, chat_prompt, encode, fit_pair, repeat_indices,
+                       seed_of, warn_is_greedy_not_computed)
 from .devices import place
 from .memory.build import build_memory
-from .model_args import ModelArgs, decode_config, merge_harness_args, resolve_strategy
+from .model_args import ModelArgs, merge_harness_args, resolve_strategy
 from .run_cache import fingerprint, namespace_cache
 
 log = logging.getLogger(__name__)
@@ -92,30 +91,14 @@ class DlmLM(TemplateLM):
         return self.args.pretrained.replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        ids = self.tokenizer.encode(string, add_special_tokens=False)
-        add_bos = self.args.add_bos_token
-        if add_special_tokens is False:
-            add_bos = False
-        elif add_bos is None:
-            add_bos = self.spec.bos_by_default and self.spec.bos_id is not None
-        bos = self.spec.bos_id
-        if add_bos and bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        return ids
+        add_bos = False if add_special_tokens is False else self.args.add_bos_token
+        return encode(self.tokenizer, self.spec, string, add_bos)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
-        kw = dict(tokenize=False, add_generation_prompt=add_generation_prompt,
-                  continue_final_message=not add_generation_prompt)
-        try:
-            return self.tokenizer.apply_chat_template(chat_history, **kw)
-        except Exception:  # templates without a system role (jinja raises its own types)
-            history = [m for m in chat_history if m["role"] != "system"]
-            if chat_history and chat_history[0]["role"] == "system" and history:
-                history[0] = {**history[0], "content": chat_history[0]["content"] + "\n\n" + history[0]["content"]}
-            return self.tokenizer.apply_chat_template(history, **kw)
+        return chat_prompt(self.tokenizer, chat_history, add_generation_prompt)
 
     def all_gather(self, tensor):
         return self.placement.gather(tensor)
@@ -142,10 +125,6 @@ class DlmLM(TemplateLM):
         return {"family": self.backbone.family, "pretrained": self.args.pretrained,
                 "memory": type(self.memory).__name__, "args_fingerprint": self.fingerprint(),
                 "model_args": {k: v for k, v in self.args.fingerprint_fields().items() if v is not None}}
-
-    def decode_config(self, max_gen_toks: int, gen_kwargs: dict) -> DecodeConfig:
-        """Map a task's generation request onto a DecodeConfig (`model_args.decode_config`)."""
-        return decode_config(self.args, max_gen_toks, gen_kwargs)
 
     def request_seed(self, *parts, repeat: int = 0) -> int:
         """Seed of a request from its content and repeat index (`batching.seed_of`)."""
@@ -194,26 +173,22 @@ class DlmLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         from .decoding.likelihood import loglikelihood
 
-        results, undecided = [], 0
-        bar = self._bar(len(requests), disable_tqdm, "loglikelihood")
-        for start in range(0, len(requests), LIKELIHOOD_CHUNK):
-            part = requests[start:start + LIKELIHOOD_CHUNK]
-            with torch.inference_mode():
-                out = loglikelihood(
-                    self.backbone, [fit_pair(ctx_ids, cont_ids, self.max_length) for _, ctx_ids, cont_ids in part],
-                    mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
-                    seeds=[self.request_seed(ctx, cont) for (ctx, cont), _, _ in part],
-                    cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
-                    memory=self.memory, progress=bar,  # moves per finished request, not per chunk
-                )
-            for ((ctx, cont), _, _), (score, greedy) in zip(part, out):
-                undecided += greedy is None
-                res = (float(score), bool(greedy))
-                self.cache_hook.add_partial("loglikelihood", (ctx, cont), res)
-                results.append(res)
-        bar.close()
-        if undecided:
-            warn_is_greedy_not_computed(undecided, len(requests))
+        undecided = []
+
+        def score(part, bar):
+            out = loglikelihood(
+                self.backbone, [fit_pair(ctx_ids, cont_ids, self.max_length) for _, ctx_ids, cont_ids in part],
+                mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
+                seeds=[self.request_seed(ctx, cont) for (ctx, cont), _, _ in part],
+                cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
+                memory=self.memory, progress=bar,  # moves per finished request, not per chunk
+            )
+            undecided.extend(greedy is None for _, greedy in out)
+            return [(float(logp), bool(greedy)) for logp, greedy in out]
+
+        results = self._score_in_chunks("loglikelihood", requests, lambda req: req[0], score, disable_tqdm)
+        if any(undecided):
+            warn_is_greedy_not_computed(sum(undecided), len(requests))
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -221,21 +196,28 @@ class DlmLM(TemplateLM):
         into forwards together (`decoding.loglikelihood_rolling`), with `likelihood_cfg`."""
         from .decoding.likelihood import loglikelihood_rolling
 
+        def score(part, bar):
+            return [float(logp) for logp in loglikelihood_rolling(
+                self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
+                max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
+                seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
+                memory=self.memory, progress=bar)]
+
         strings = [req.args[0] for req in requests]
+        return self._score_in_chunks("loglikelihood_rolling", strings, lambda s: (s,), score, disable_tqdm)
+
+    def _score_in_chunks(self, method: str, items: list, cache_key, score, disable_tqdm: bool) -> list:
+        """score(part, bar) over LIKELIHOOD_CHUNK items at a time, each result handed to the
+        --use_cache hook under (method, cache_key(item)) as soon as its chunk is done."""
         results = []
-        bar = self._bar(len(strings), disable_tqdm, "loglikelihood_rolling")
-        for start in range(0, len(strings), LIKELIHOOD_CHUNK):
-            part = strings[start:start + LIKELIHOOD_CHUNK]
+        bar = self._bar(len(items), disable_tqdm, method)
+        for start in range(0, len(items), LIKELIHOOD_CHUNK):
+            part = items[start:start + LIKELIHOOD_CHUNK]
             with torch.inference_mode():
-                scores = loglikelihood_rolling(
-                    self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
-                    max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
-                    seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
-                    memory=self.memory, progress=bar,
-                )
-            for string, score in zip(part, scores):
-                self.cache_hook.add_partial("loglikelihood_rolling", (string,), float(score))
-                results.append(float(score))
+                out = score(part, bar)
+            for item, res in zip(part, out):
+                self.cache_hook.add_partial(method, cache_key(item), res)
+                results.append(res)
         bar.close()
         return results
 

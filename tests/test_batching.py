@@ -123,3 +123,38 @@ def test_answer_stops_at_eos_or_a_leftover_mask_then_at_until():
     assert req.answer([0, 1, EOS, 3], until=[]) == "ab"
     assert req.answer([0, 1, MASK, 3], until=[]) == "ab"
     assert req.answer([0, 1, 3, 4], until=["d"]) == "ab"
+
+
+# ---- text -> ids ----------------------------------------------------------------------------
+class WordTokenizer:
+    """ids are word lengths; a template that refuses a system role, as some chat templates do."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [len(w) for w in text.split()]
+
+    def apply_chat_template(self, history, **kw):
+        if any(m["role"] == "system" for m in history):
+            raise ValueError("System role not supported")
+        return "|".join(f"{m['role']}:{m['content']}" for m in history)
+
+
+@pytest.mark.parametrize("bos_by_default, add_bos, text, expected", [
+    (False, None, "ab c", [2, 1]),
+    (True, None, "ab c", [7, 2, 1]),
+    (True, False, "ab c", [2, 1]),
+    (False, True, "ab c", [7, 2, 1]),
+    (False, True, "abcdefg c", [7, 1]),  # already starts with BOS: not doubled
+])
+def test_encode_adds_the_familys_bos(bos_by_default, add_bos, text, expected):
+    from lm_eval_dlmem.batching import encode
+
+    spec = SimpleNamespace(bos_id=7, bos_by_default=bos_by_default)
+    assert encode(WordTokenizer(), spec, text, add_bos) == expected
+
+
+def test_chat_prompt_folds_the_system_message_into_the_first_turn_when_the_template_refuses_it():
+    from lm_eval_dlmem.batching import chat_prompt
+
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat_prompt(WordTokenizer(), history) == "user:Be brief.\n\nHi"
+    assert chat_prompt(WordTokenizer(), history[1:]) == "user:Hi"

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from .common import cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
 from ..decoding.forward import forward_step
+from ..decoding.strategies import rank_mask
 from ..memory.base import NoMemory
 from .state import load_trainer_state
 
@@ -62,13 +63,6 @@ def masked_count(resp_len: torch.Tensor, step, total: int) -> torch.Tensor:
     return torch.div(resp_len * (total - step) + total - 1, total, rounding_mode="floor")
 
 
-def first_k(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the k[b] allowed positions with the highest score: bool [B, L]."""
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
-    return allowed & (ranks < k[:, None])
-
-
 def response_mask(batch: dict, cfg: UnrollConfig):
     """(attention mask, response mask) [B, L]: what is attended, what is masked and predicted."""
     attn = batch["attention_mask"]
@@ -94,7 +88,7 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
     resp_len = resp.sum(1)
     s0 = torch.randint(0, T - K + 1, (B,), generator=generator).to(x0.device)
     noise = torch.rand(B, L, generator=generator).to(x0.device)
-    masked = first_k(noise, resp, masked_count(resp_len, s0, T))
+    masked = rank_mask(noise, masked_count(resp_len, s0, T), allowed=resp, stable=False)
     x = torch.where(masked, backbone.spec.mask_id, x0)
     a = int(resp.float().argmax(1).min())  # logits only from the earliest response position
     losses = []
@@ -108,7 +102,7 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
             with torch.no_grad():  # the backbone's own low-confidence unmasking
                 conf, pred = logits.detach().float().softmax(-1).max(-1)
                 n = masked_count(resp_len, s0 + k, T) - masked_count(resp_len, s0 + k + 1, T)
-                commit = F.pad(first_k(conf, m, n), (a, 0), value=False)
+                commit = F.pad(rank_mask(conf, n, allowed=m, stable=False), (a, 0), value=False)
                 x = torch.where(commit, F.pad(pred, (a, 0)), x)
                 masked = masked & ~commit
     per_step = torch.stack(losses) if losses else x0.new_zeros(1, dtype=torch.float32, requires_grad=True)

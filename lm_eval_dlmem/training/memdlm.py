@@ -38,7 +38,7 @@ from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
 from .common import find_resume
 from .nll import static_nll
-from .state import STATE_NAME, load_trainer_state
+from .state import restore_trainer_state, save_trainer_state
 CONFIG_NAME = "memdlm_training.json"
 
 
@@ -241,8 +241,7 @@ def save(path: str, backbone, optimizer=None, scheduler=None, step: int = 0, arg
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump({**vars(args), "step": step}, f, indent=2)
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   os.path.join(path, STATE_NAME))
+        save_trainer_state(path, optimizer, scheduler, step)
 
 
 def restore(path: str, backbone, optimizer, scheduler) -> int:
@@ -250,10 +249,7 @@ def restore(path: str, backbone, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(backbone.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    state = load_trainer_state(path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return restore_trainer_state(path, optimizer, scheduler)
 
 
 class Run:

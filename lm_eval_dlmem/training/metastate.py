@@ -30,12 +30,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import cosine_schedule, find_resume
+from .common import TrainerSetup, cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
 from ..decoding.forward import forward_step
 from ..decoding.strategies import rank_mask
 from ..memory.base import NoMemory
-from .state import load_trainer_state
+from .state import restore_trainer_state, save_trainer_state
 
 
 @dataclass
@@ -240,11 +240,20 @@ def make_optimizer(module, args):
 
 def save_checkpoint(path, metastate, optimizer, scheduler, step, args) -> None:
     metastate.save_pretrained(path)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "args": vars(args)}
-    torch.save(state, os.path.join(path, "trainer_state.pt"))
+    save_trainer_state(path, optimizer, scheduler, step, args)
 
 
-def setup(args):
+@dataclass(kw_only=True)
+class MetaStateSetup(TrainerSetup):
+    """`TrainerSetup` (model: the accelerate-prepared `UnrolledDenoiser`) plus the accelerator,
+    the frozen backbone and the MetaState being trained."""
+
+    accelerator: object
+    backbone: object
+    metastate: object
+
+
+def setup(args) -> MetaStateSetup:
     """Accelerator, frozen backbone, MetaState, optimizer, schedule (and the resumed step)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -273,18 +282,17 @@ def setup(args):
     resume = find_resume(args.resume, args.output_dir)
     if resume:
         ms.load_state_dict(MetaState.from_pretrained(resume).state_dict())
-        state = load_trainer_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
+        step = restore_trainer_state(resume, optimizer, scheduler)
     model, optimizer = acc.prepare(UnrolledDenoiser(ms, backbone, UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)), optimizer)
-    return acc, backbone, ms, model, optimizer, scheduler, step, resume
+    return MetaStateSetup(model, optimizer, scheduler, step, resume, accelerator=acc, backbone=backbone, metastate=ms)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ucfg = UnrollConfig(args.unroll_steps, args.denoise_steps, not args.ignore_padding)
-    acc, backbone, ms, model, optimizer, scheduler, step, resume = setup(args)
+    run = setup(args)
+    acc, backbone, ms, model = run.accelerator, run.backbone, run.metastate, run.model
+    optimizer, scheduler, step, resume = run.optimizer, run.scheduler, run.step, run.resume
     train, held_out = load_examples(args, backbone.tokenizer)
     pad_id = backbone.spec.eos_id  # EOS padding, as the generation region is filled at inference
     batches = Batches(train, args.batch_size, pad_id, args.seed, acc.process_index, acc.num_processes, acc.device)

@@ -53,3 +53,18 @@ def test_trainer_state_round_trip(tmp_path):
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     save_trainer_state(str(tmp_path), opt, sched, 3)
     assert "args" not in load_trainer_state(str(tmp_path))
+
+
+def test_fast_weight_flags_default_to_memdlm_config():
+    """The trainer's and the exposure-bias analysis' --inner-* flags are the inference defaults
+    (`MemDLMConfig`), declared once."""
+    from lm_eval_dlmem.analysis import exposure_bias
+    from lm_eval_dlmem.memory.fast_weights import MemDLMConfig
+
+    d = MemDLMConfig()
+    parsed = [memdlm.build_parser().parse_args(["--output-dir", "x", "--backbone", "b", "--data", "d"]),
+              exposure_bias.build_parser().parse_args(["--output-dir", "x", "--backbone", "b", "--data", "d",
+                                                       "--config", "a=none:0"])]
+    for args in parsed:
+        assert (args.inner_lr, args.inner_rank, args.inner_alpha, args.inner_layer_fraction) == (
+            d.inner_lr, d.inner_rank, d.inner_alpha, d.inner_layer_fraction)

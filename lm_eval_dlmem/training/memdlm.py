@@ -42,6 +42,17 @@ from .state import restore_trainer_state, save_trainer_state
 CONFIG_NAME = "memdlm_training.json"
 
 
+def add_fast_weight_args(p: argparse.ArgumentParser) -> None:
+    """--inner-lr / --inner-rank / --inner-alpha / --inner-layer-fraction with `MemDLMConfig`'s
+    defaults (this trainer and the exposure-bias analysis)."""
+    d = MemDLMConfig()
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr, help="inner SGD learning rate")
+    p.add_argument("--inner-rank", type=int, default=d.inner_rank, help="fast LoRA rank")
+    p.add_argument("--inner-alpha", type=float, default=d.inner_alpha, help="fast LoRA alpha")
+    p.add_argument("--inner-layer-fraction", type=float, default=d.inner_layer_fraction,
+                   help="fraction of the last blocks with fast weights")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem train memdlm", description=__doc__.split("\n\n")[0])
     # model
@@ -55,10 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     # method
     p.add_argument("--baseline", action="store_true", help="standard MDLM SFT: no inner loop (the paper's Std baseline)")
     p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (pre-anchor ... anchor)")
-    p.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD learning rate")
-    p.add_argument("--inner-rank", type=int, default=32, help="fast LoRA rank")
-    p.add_argument("--inner-alpha", type=float, default=64.0, help="fast LoRA alpha")
-    p.add_argument("--inner-layer-fraction", type=float, default=0.1, help="fraction of the last blocks with fast weights")
+    add_fast_weight_args(p)
     p.add_argument("--pre-anchor-scale", type=float, default=1.5, help="pre-anchor mask ratio / anchor mask ratio")
     p.add_argument("--inner-grad-clip", type=float, default=1.0, help="per-tensor gradient norm clip of the inner loop")
     p.add_argument("--inner-targets", choices=["released", "ffn"], default="released",

@@ -1,11 +1,11 @@
-"""lm-eval-dlmem: evaluate discrete diffusion LMs (LLaDA, Dream, LLaDA-MoE), frozen or with
+"""lm-eval-dlmem: evaluate discrete diffusion LMs (LLaDA, Dream, LLaDA-MoE, LLaDA2.x), frozen or with
 MetaState / MemDLM memory, inside EleutherAI's lm-evaluation-harness.
 
 Public API (imported lazily, so `import lm_eval_dlmem` stays cheap):
     load_backbone, Backbone, DecodeConfig, generate, make_tiny_checkpoint
 
 Importing the package registers our model names (metastate-llada, metastate-dream,
-memdlm-llada-moe, dlm) in lm-eval's model registry, so `lm_eval.simple_evaluate(model=...)` finds
+memdlm-llada-moe, memdlm-llada2, dlm) in lm-eval's model registry, so `lm_eval.simple_evaluate(model=...)` finds
 them from a script or notebook, whichever of the two is imported first. The import stays cheap:
 it imports neither lm-eval nor torch; the names are registered (as lazy "module:Class" strings)
 when lm-eval's registry loads. `register()` is public for code that clears lm-eval's registry.

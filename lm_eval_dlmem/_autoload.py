@@ -15,6 +15,7 @@ MODELS = {
     "metastate-llada": "lm_eval_dlmem.harness:MetaStateLLaDA",
     "metastate-dream": "lm_eval_dlmem.harness:MetaStateDream",
     "memdlm-llada-moe": "lm_eval_dlmem.harness:MemDLMLLaDAMoE",
+    "memdlm-llada2": "lm_eval_dlmem.harness:MemDLMLLaDA2",
     "dlm": "lm_eval_dlmem.harness:DlmLM",
 }
 

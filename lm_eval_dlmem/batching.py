@@ -23,7 +23,7 @@ from .model_args import ModelArgs, decode_config
 log = logging.getLogger(__name__)
 
 LIKELIHOOD_CHUNK = 64  # requests per likelihood call: results reach the --use_cache db per chunk
-DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's default when a task names no max_gen_toks
+DEFAULT_MAX_GEN_TOKS = 256  # the generation length when a task names no max_gen_toks (a preset may change it)
 DEFAULT_AUTO_BATCH = 64  # the batch batch_size=auto starts from when max_batch_size is unset
 # generate_until's gen_kwargs keys (after lm-eval's normalize_gen_kwargs) that decoding reads
 USED_GEN_KWARGS = frozenset({"until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k"})
@@ -167,8 +167,9 @@ class GenerationRequests:
     Keeps two run-level notes: how many prompts were truncated (one warning per call of
     `generate_until`) and which ignored gen_kwargs keys were already named (each once per model)."""
 
-    def __init__(self, args: ModelArgs, backbone, max_length: int):
+    def __init__(self, args: ModelArgs, backbone, max_length: int, default_max_gen_toks: int = DEFAULT_MAX_GEN_TOKS):
         self.args, self.spec, self.tokenizer, self.max_length = args, backbone.spec, backbone.tokenizer, max_length
+        self.default_max_gen_toks = default_max_gen_toks  # when a task's gen_kwargs name no max_gen_toks
         self.truncated = 0
         self._ignored: set[str] = set()
 
@@ -179,11 +180,11 @@ class GenerationRequests:
         Raises:
             ValueError: the canvas leaves no room for a prompt within max_length.
         """
-        gen_kwargs = normalize_gen_kwargs(raw_gen_kwargs, default_max_gen_toks=DEFAULT_MAX_GEN_TOKS)
+        gen_kwargs = normalize_gen_kwargs(raw_gen_kwargs, default_max_gen_toks=self.default_max_gen_toks)
         eos_text = self.tokenizer.decode([self.spec.eos_id], skip_special_tokens=False)
         until = handle_stop_sequences(gen_kwargs.pop("until", None), eos=eos_text)
         self._warn_ignored(gen_kwargs)
-        max_gen = int(gen_kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+        max_gen = int(gen_kwargs.get("max_gen_toks", self.default_max_gen_toks))
         if max_gen <= 0 and not self.args.gen_length:
             return None
         config = decode_config(self.args, max_gen, gen_kwargs)

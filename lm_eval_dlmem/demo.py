@@ -22,6 +22,17 @@ def demo_checkpoint(family: str = "llada") -> str:
     return path
 
 
+def demo_family(model: str) -> str:
+    """The family of the tiny checkpoint a registered model name is run on: its preset's
+    `family` (`dlm` and lm-eval's own models: LLaDA)."""
+    from lm_eval.api.registry import get_model
+
+    from ._autoload import register
+
+    register()
+    return getattr(get_model(model), "family", None) or "llada"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="lm-eval-dlmem demo --random", description=__doc__)
     p.add_argument("--model", default="metastate-llada", help="registered model name")
@@ -39,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import tasks_path
 
     register()
-    family = {"metastate-dream": "dream", "memdlm-llada-moe": "llada_moe"}.get(args.model, "llada")
-    model_args = {"pretrained": demo_checkpoint(family), "mc_num": 16, "mc_batch_size": 16}
+    model_args = {"pretrained": demo_checkpoint(demo_family(args.model)), "mc_num": 16, "mc_batch_size": 16}
     for kv in filter(None, args.model_args.split(",")):
         key, _, value = kv.partition("=")
         model_args[key.strip()] = value.strip()

@@ -1,4 +1,4 @@
-"""The lm-eval adapter: `DlmLM(TemplateLM)` and the three registered presets.
+"""The lm-eval adapter: `DlmLM(TemplateLM)` and the registered presets.
 
 This is the only module that sees lm-eval `Instance`s. It turns requests into length-sorted
 batches (lm-eval's Collator), token ids and seeds, and hands them to `decoding.generate` /
@@ -37,6 +37,7 @@ class DlmLM(TemplateLM):
 
     family: str | None = None
     preset: dict = {}
+    default_max_gen_toks = 256  # a task's generation length when its gen_kwargs name none
 
     def __init__(self, **kwargs):
         super().__init__()
@@ -56,10 +57,10 @@ class DlmLM(TemplateLM):
         # an adapter= gives a new backbone: spec and tokenizer are taken from the one decoding runs on
         self.backbone, self.memory = build_memory(a, backbone)
         self.spec, self.tokenizer = self.backbone.spec, self.backbone.tokenizer
-        resolve_strategy(a, self.spec)
+        resolve_strategy(a, self.spec, self.preset, given=kwargs)
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
         self.batch_sizer = BatchSize(a)
-        self.generation = GenerationRequests(a, self.backbone, self._max_length)
+        self.generation = GenerationRequests(a, self.backbone, self._max_length, self.default_max_gen_toks)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
@@ -182,6 +183,7 @@ class DlmLM(TemplateLM):
                 seeds=[self.request_seed(ctx, cont) for (ctx, cont), _, _ in part],
                 cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
                 memory=self.memory, progress=bar,  # moves per finished request, not per chunk
+                block_length=self.args.block_length,  # block-causal families score per block
             )
             undecided.extend(greedy is None for _, greedy in out)
             return [(float(logp), bool(greedy)) for logp, greedy in out]
@@ -201,7 +203,7 @@ class DlmLM(TemplateLM):
                 self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
                 max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                 seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
-                memory=self.memory, progress=bar)]
+                memory=self.memory, progress=bar, block_length=self.args.block_length)]
 
         strings = [req.args[0] for req in requests]
         return self._score_in_chunks("loglikelihood_rolling", strings, lambda s: (s,), score, disable_tqdm)
@@ -246,4 +248,15 @@ class MemDLMLLaDAMoE(DlmLM):
     preset = {"strategy": "llada"}
 
 
-__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "repeat_indices", "warn_is_greedy_not_computed"]
+class MemDLMLLaDA2(DlmLM):
+    """`memdlm-llada2`: LLaDA2.1-mini as MemDLM evaluates it (`memdlm/eval/llada21.py`): its
+    LLaDA2.0 block sampler (`strategy=llada2`; `strategy=llada21` adds LLaDA2.1's editing), blocks
+    of 32, 32 steps per block, threshold 0.95, 512 new tokens when the task names no
+    max_gen_toks; `adapter=` for the outer LoRA, `inner_steps=` for inference adaptation."""
+
+    family = "llada2"
+    preset = {"strategy": "llada2", "block_length": 32, "steps_per_block": 32, "threshold": 0.95}
+    default_max_gen_toks = 512
+
+
+__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "MemDLMLLaDA2", "repeat_indices", "warn_is_greedy_not_computed"]

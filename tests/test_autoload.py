@@ -19,7 +19,7 @@ from lm_eval_dlmem import _autoload
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PTH = os.path.join(REPO, "lm_eval_dlmem.pth")
 PY = "/usr/bin/python3"
-OURS = ("metastate-llada", "metastate-dream", "memdlm-llada-moe")
+OURS = ("metastate-llada", "metastate-dream", "memdlm-llada-moe", "memdlm-llada2")
 
 # (sys.argv[0] as the .pth sees it, sys.orig_argv)
 LM_EVAL = [
@@ -214,3 +214,13 @@ def test_importing_the_package_stays_cheap():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[] []"
+
+
+def test_the_demo_runs_each_preset_on_its_own_family():
+    """`lm-eval-dlmem demo --random --model X` builds the tiny checkpoint of X's family (read
+    from the preset, so a new preset needs no edit there)."""
+    from lm_eval_dlmem.demo import demo_family
+
+    got = {m: demo_family(m) for m in (*OURS, "dlm")}
+    assert got == {"metastate-llada": "llada", "metastate-dream": "dream", "memdlm-llada-moe": "llada_moe",
+                   "memdlm-llada2": "llada2", "dlm": "llada"}

@@ -58,7 +58,40 @@ def test_cli_batch_size_invariance(model, tiny_ckpts, tmp_path):
 def test_registered_names_resolve_in_lm_eval_process():
     code = ("import sys; sys.argv=['lm_eval']; import lm_eval_dlmem._autoload as a; a._autoload();"
             "from lm_eval.api.registry import get_model;"
-            "print([get_model(n).__name__ for n in ('metastate-llada','metastate-dream','memdlm-llada-moe','hf','dummy')])")
+            "print([get_model(n).__name__ for n in ('metastate-llada','metastate-dream','memdlm-llada-moe','memdlm-llada2','hf','dummy')])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "['MetaStateLLaDA', 'MetaStateDream', 'MemDLMLLaDAMoE', 'HFLM', 'DummyLM']" in out.stdout
+    assert "['MetaStateLLaDA', 'MetaStateDream', 'MemDLMLLaDAMoE', 'MemDLMLLaDA2', 'HFLM', 'DummyLM']" in out.stdout
+
+
+# memdlm-llada2 on a tiny LLaDA2.x checkpoint: each variant's model args on top of the common ones,
+# as a string or a callable (checkpoint, tmp_path) -> string, so the MemDLM variant is one more
+# entry, e.g. "memdlm": lambda ckpt, tmp: f"adapter={train_adapter(ckpt, tmp)},inner_steps=2"
+LLADA2_VARIANTS = {"frozen": "", "llada21": "strategy=llada21"}
+
+
+@pytest.fixture(scope="module")
+def llada2_ckpt(tmp_path_factory):
+    from lm_eval_dlmem.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint("llada2", tmp_path_factory.mktemp("cli-llada2") / "llada2", seed=5,
+                                initializer_range=0.25)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", sorted(LLADA2_VARIANTS))
+def test_cli_memdlm_llada2_batch_size_invariance(variant, llada2_ckpt, tmp_path):
+    """generate_until (block-diffusion sampler, several blocks of 4 from each prompt's start) and
+    multiple choice (block-wise likelihood) through `lm_eval --model memdlm-llada2`: batch 1 == 4."""
+    extra = LLADA2_VARIANTS[variant]
+    extra = extra(llada2_ckpt, tmp_path) if callable(extra) else extra
+    args = ",".join(a for a in (f"pretrained={llada2_ckpt},mc_num=4,mc_batch_size=4,block_length=4", extra) if a)
+    proc = run_lm_eval("memdlm-llada2", args, tmp_path / "bs1", 1)
+    run_lm_eval("memdlm-llada2", args, tmp_path / "bs4", 4)
+    assert "t_gen" in proc.stdout and "t_mc" in proc.stdout
+    for task in ("t_gen", "t_mc"):
+        one, four = load_samples(tmp_path / "bs1", task), load_samples(tmp_path / "bs4", task)
+        assert len(one) == 6
+        assert one == four, f"memdlm-llada2 {variant} {task}: batch size changed the outputs"
+    res = load_results(tmp_path / "bs1")
+    assert 0.0 <= res["t_mc"]["acc,none"] <= 1.0

@@ -133,11 +133,71 @@ def test_dlm_decodes_llada2_with_its_family_sampler_and_batching_changes_nothing
 
 
 @pytest.mark.parametrize("cls_name, args", [("DlmLM", {"strategy": "llada"}), ("DlmLM", {"strategy": "threshold"}),
-                                            ("MetaStateLLaDA", {})])
+                                            ("MetaStateLLaDA", {"strategy": "llada"})])
 def test_a_bidirectional_strategy_is_refused_on_llada2(llada2_ckpt, cls_name, args):
     with pytest.raises(ValueError, match=r"strategy=\w+ decodes with bidirectional attention, but this llada2 "
                                          r"checkpoint attends block-causally; use strategy= one of llada2, llada21"):
         make_lm(llada2_ckpt, cls_name, **args)
+
+
+@pytest.mark.parametrize("cls_name", ["MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "DlmLM"])
+def test_every_preset_takes_a_llada2_checkpoint_with_its_family_decoding(llada2_ckpt, cls_name, caplog):
+    """A preset's strategy is a default for its own family: on LLaDA2.x (which its bidirectional
+    strategy does not fit) the family's sampler and block length apply, with the warning that
+    says so; only a typed strategy= is refused (above)."""
+    with caplog.at_level(logging.WARNING, logger="lm_eval_dlmem.harness"):
+        lm = make_lm(llada2_ckpt, cls_name)
+    assert (lm.args.strategy, lm.args.block_length, lm.args.threshold) == ("llada2", 32, 0.95)
+    assert cls_name == "DlmLM" or any("llada2 checkpoint" in r.getMessage() for r in caplog.records)
+    req = Instance("generate_until", doc={}, arguments=("one two", {"until": [], "max_gen_toks": 6}), idx=0)
+    assert isinstance(lm.generate_until([req], disable_tqdm=True)[0], str)
+
+
+def test_the_family_block_length_leaves_other_families_at_one_block(tiny_ckpts):
+    assert make_lm(tiny_ckpts["llada_moe"], "MemDLMLLaDAMoE").args.block_length is None
+
+
+def generation_config(lm, gen_kwargs):
+    """The DecodeConfig the harness decodes `gen_kwargs` with (engine.generate faked)."""
+    import lm_eval_dlmem.decoding.engine as engine
+
+    seen = []
+
+    def fake_generate(backbone, input_ids, attention_mask, config, *args, **kwargs):
+        seen.append(config)
+        return torch.full((input_ids.shape[0], config.gen_length), backbone.spec.eos_id)
+
+    real, engine.generate = engine.generate, fake_generate
+    try:
+        lm.generate_until([Instance("generate_until", doc={}, arguments=("x", gen_kwargs), idx=0)], disable_tqdm=True)
+    finally:
+        engine.generate = real
+    return seen[0]
+
+
+def test_memdlm_llada2_decodes_as_memdlm_evaluates_llada21(llada2_ckpt):
+    """memdlm/eval/llada21.py: LLaDA2Sampler, block_size 32, steps 32 per block, threshold 0.95,
+    max_new_tokens 512 unless the task gives max_gen_toks; strategy=llada21 for 2.1's editing."""
+    lm = make_lm(llada2_ckpt, "MemDLMLLaDA2")
+    cfg = generation_config(lm, {"until": []})
+    assert (cfg.strategy, cfg.block_length, cfg.steps, cfg.threshold, cfg.gen_length) == ("llada2", 32, 32, 0.95, 512)
+    cfg = generation_config(lm, {"until": [], "max_gen_toks": 40})
+    assert (cfg.gen_length, cfg.steps) == (40, 32)  # the task's length wins; steps stay per block
+    cfg = generation_config(make_lm(llada2_ckpt, "MemDLMLLaDA2", strategy="llada21"), {"until": [], "max_gen_toks": 8})
+    assert (cfg.strategy, cfg.threshold, cfg.editing_threshold, cfg.block_length) == ("llada21", 0.95, 0.9, 32)
+
+
+def test_llada2_likelihood_through_the_harness_is_batch_invariant(llada2_ckpt):
+    """loglikelihood / multiple choice on LLaDA2.x (no longer refused), per block of the preset's
+    block_length; mc_batch_size packs rows differently and changes nothing."""
+    pairs = [("one two three", " four"), ("apple banana", " cherry table chair window"), ("a", " b c")]
+    scores = []
+    for mc_batch in (1, 4):
+        lm = make_lm(llada2_ckpt, "MemDLMLLaDA2", mc_num=4, mc_batch_size=mc_batch, block_length=4)
+        scores.append([s for s, _ in lm.loglikelihood(ll_requests(pairs), disable_tqdm=True)])
+    assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+    assert all(s < 0 for s in scores[0])
+    assert rolling(lm, TEXTS[:1])[0] < 0
 
 
 def test_llada2_strategies_are_refused_on_a_bidirectional_family(tiny_ckpts):

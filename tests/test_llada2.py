@@ -405,17 +405,3 @@ def test_early_exit_keeps_the_text_up_to_the_stop(case, peaked):
     for a, b in zip(full.tolist(), early.tolist()):
         cut = next((i + 1 for i, t in enumerate(a) if t in stops), len(a))
         assert a[:cut] == b[:cut]
-
-
-def test_likelihood_is_refused_rather_than_scored_bidirectionally(bb):
-    """The Monte Carlo estimator attends bidirectionally; on a block-causal family its numbers
-    would be silently wrong, so every entry point refuses (and names the way out)."""
-    from lm_eval_dlmem.decoding.likelihood import greedy_check, loglikelihood, loglikelihood_rolling
-
-    pair = [([5, 6, 7], [8, 9])]
-    with pytest.raises(NotImplementedError, match="block-causally.*generate_until"):
-        loglikelihood(bb, pair, mc_num=2)
-    with pytest.raises(NotImplementedError, match="block-causally"):
-        greedy_check(bb, pair)
-    with pytest.raises(NotImplementedError, match="block-causally"):
-        loglikelihood_rolling(bb, [[5, 6, 7, 8]], max_length=16, mc_num=2)

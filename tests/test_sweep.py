@@ -103,16 +103,39 @@ def test_shipped_sweeps_load(monkeypatch, tmp_path):
     monkeypatch.setenv("METASTATE_CKPT", "/ckpt/ms-llada")
     monkeypatch.setenv("TINY_CKPT", "/ckpt/tiny")
     table1 = load_sweep(str(EXAMPLES / "memdlm_table1.yaml"))
-    assert [r.name for r in table1.runs] == ["standard", "train_only", "train_inf"]
+    assert [r.name for r in table1.runs] == ["standard", "train_only", "train_inf",
+                                             "llada21_standard", "llada21_train_only", "llada21_train_inf"]
     assert table1.runs[0].model_args["pretrained"] == "inclusionAI/LLaDA-MoE-7B-A1B-Base"
     assert table1.runs[2].model_args["adapter"] == "JarvisPei/LLaDA-MoE-7B-A1B-Base-MemDLM"
     assert table1.runs[2].model_args["inner_steps"] == 2 and "inner_steps" not in table1.runs[1].model_args
+    _check_llada21_rows(table1.runs[3:])
     ms = load_sweep(str(EXAMPLES / "metastate_frozen_vs_augmented.yaml"))
     frozen, aug = ms.runs
     assert {k for k in aug.model_args if aug.model_args[k] != frozen.model_args.get(k)} == {"metastate"}
     assert aug.model_args["metastate"] == "/ckpt/ms-llada"
     tiny = load_sweep(str(EXAMPLES / "tiny_demo.yaml"), output_dir=str(tmp_path))
     assert tiny.runs[0].model_args["pretrained"] == "/ckpt/tiny" and tiny.output_dir == str(tmp_path)
+
+
+def _check_llada21_rows(runs):
+    """MemDLM's LLaDA2.1-mini rows: one argument apart, the base/adapter the paper evaluates, and
+    the decoding of memdlm/eval/llada21.py (LLaDA2.0 sampler, 32-token blocks, 32 steps per block,
+    threshold 0.95) on the tasks and 4-bit base of the LLaDA-MoE rows. The memdlm-llada2 preset
+    sets strategy=llada2; it is given here so the check does not load the preset."""
+    from lm_eval_dlmem.model_args import ModelArgs, decode_config
+
+    standard, train_only, train_inf = runs
+    assert {r.model for r in runs} == {"memdlm-llada2"} and all(r.tasks == ["dlmem_memdlm_table1"] for r in runs)
+    assert standard.model_args["pretrained"] == "inclusionAI/LLaDA2.1-mini" and "adapter" not in standard.model_args
+    assert train_only.model_args == {**standard.model_args, "adapter": "JarvisPei/LLaDA2.1-mini-MemDLM"}
+    assert {k: v for k, v in train_inf.model_args.items() if train_only.model_args.get(k) != v} == dict(
+        inner_steps=2, inner_lr=0.1, inner_rank=32, inner_alpha=64, inner_layer_fraction=0.1)
+    for run in runs:
+        args = ModelArgs.from_kwargs({"strategy": "llada2"}, **run.model_args)  # every arg name is valid
+        assert args.load_in_4bit and args.max_length == 8192
+        config = decode_config(args, 64, {})
+        assert (config.strategy, config.block_length, config.steps, config.threshold, config.temperature) == (
+            "llada2", 32, 32, 0.95, 0.0)
 
 
 # ---- end to end -----------------------------------------------------------------------------

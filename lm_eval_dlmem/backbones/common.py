@@ -96,11 +96,18 @@ class DiffusionCache:
     attends over the whole buffer. With `l = L - start` this is Fast-dLLM's prefix cache
     (cached prefix + freshly computed suffix); with `l = block` it is the dual cache (cached
     prefix and suffix, fresh block). In-place writes make it an inference-only structure.
+
+    `fresh` ([B, L] bool, or None = all): canvas positions whose keys/values a windowed forward
+    may overwrite; elsewhere the cached ones stay and are attended. The block-diffusion loop sets
+    it to each row's own block, so a row whose batch-mates widen the window keeps what it would
+    have cached alone (its finished columns re-forwarded under a memory that changes per step,
+    MetaState, would otherwise be overwritten with other values).
     """
 
     def __init__(self):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
+        self.fresh: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,8 +124,12 @@ class DiffusionCache:
             self.values.append(v)
             return k, v
         keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, start : start + k.shape[2]] = k
-        values[:, :, start : start + v.shape[2]] = v
+        end = start + k.shape[2]
+        if self.fresh is not None:
+            fresh = self.fresh[:, None, start:end, None].to(k.device)  # [B, 1, l, 1]
+            k, v = torch.where(fresh, k, keys[:, :, start:end]), torch.where(fresh, v, values[:, :, start:end])
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
         return keys, values
 
 

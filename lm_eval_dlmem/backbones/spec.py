@@ -101,6 +101,9 @@ class FamilySpec:
             (Dream's tokenizer does not add it, its training data starts with it).
         ffn_names: the (gate, up, down) projection names of the family's feed-forward blocks
             (MemDLM `inner_targets=ffn` puts fast weights on them).
+        shared_expert: dotted path from a decoder block to its always-on shared-expert FFN, or
+            None (LLaDA-MoE keeps it on the block as `shared_expert`, LLaDA2.x inside the MoE
+            as `mlp.shared_experts`); MemDLM `inner_targets=ffn` adds its projections.
         model_types / architectures: config.json `model_type` strings and `architectures` entries
             that name this family unambiguously (`detect_family` checks them before the MoE-key
             rules that tell LLaDA from LLaDA-MoE).
@@ -108,6 +111,8 @@ class FamilySpec:
             block length to the forward; without one the forward attends bidirectionally.
         default_strategy: the decoding strategy the harness uses when neither the preset nor
             `strategy=` names one; None = the harness default (`llada`).
+        default_block_length: a block-causal family's trained block length, used when
+            `block_length=` is unset (decoding and the block-wise likelihood); None = one block.
     """
 
     name: str
@@ -132,10 +137,12 @@ class FamilySpec:
     max_length_keys: tuple[str, ...] = ("max_sequence_length",)
     bos_by_default: bool = False
     ffn_names: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    shared_expert: str | None = None
     model_types: tuple[str, ...] = ()
     architectures: tuple[str, ...] = ()
     block_causal: bool = False
     default_strategy: str | None = None
+    default_block_length: int | None = None
 
     def resolve(self, tokenizer) -> "FamilySpec":
         """Return a copy whose ids are the ones `tokenizer` really uses for the token strings."""
@@ -253,6 +260,7 @@ LLADA_MOE = FamilySpec(
                     num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
     default_max_length=8192,
     max_length_keys=("max_sequence_length", "max_position_embeddings"),
+    shared_expert="shared_expert",
 )
 
 LLADA2 = FamilySpec(
@@ -282,10 +290,12 @@ LLADA2 = FamilySpec(
     # the released configs' max_position_embeddings (32768 for LLaDA2.0-mini / 2.1-mini)
     default_max_length=32768,
     max_length_keys=("max_position_embeddings",),
+    shared_expert="mlp.shared_experts",
     model_types=("llada2_moe", "llada21_moe", "llada2_moe_21"),
     architectures=("LLaDA2MoeModelLM",),
     block_causal=True,
     default_strategy="llada2",
+    default_block_length=32,  # the official samplers' block_size, and MemDLM's eval
 )
 
 FAMILIES: dict[str, FamilySpec] = {s.name: s for s in (LLADA, DREAM, LLADA_MOE, LLADA2)}

@@ -94,7 +94,8 @@ class BlockStepForward:
         self.cache: DiffusionCache | None = None
         self.step = 0
 
-    def __call__(self, rows: BlockRows, starts: torch.Tensor, refresh: bool) -> torch.Tensor:
+    def __call__(self, rows: BlockRows, starts: torch.Tensor, refresh: bool, live=None) -> torch.Tensor:
+        """`live` [b] bool: rows still decoding their block (None = all); the others only wait."""
         ws, we = int(starts.min()), int(starts.max()) + self.n
         x = rows.x[:, :we]
         attn = None if rows.attn is None else rows.attn[:, :we]
@@ -105,14 +106,34 @@ class BlockStepForward:
             window = None
         else:
             cache, window = self.cache, (ws, we)
+        visible = self.visible(rows, starts, live, windowed=window is not None)
+        if cache is not None:
+            cache.fresh = visible if window is not None else None
         logits = forward_step(
-            self.backbone, self.memory, x, attn, step=self.step,
-            mask_ratio=(rows.x[:, self.P :] == self.mask_id).float().mean(-1), cache=cache,
-            window=window, span=window or (0, we), keep=(ws, we), block_length=self.n,
+            self.backbone, self.memory, x, attn, step=self.step, mask_ratio=self.mask_ratio(rows),
+            cache=cache, window=window, span=window or (0, we), keep=(ws, we), block_length=self.n,
+            visible=visible,
         )
         self.step += 1
         index = (starts - ws)[:, None] + torch.arange(self.n, device=starts.device)  # [b, n]
         return logits[torch.arange(len(starts), device=starts.device)[:, None], index]
+
+    def visible(self, rows: BlockRows, starts, live, windowed: bool) -> torch.Tensor:
+        """[b, L] bool: the columns each row forwards when decoded alone (its canvas up to the
+        active block's end; only that block in a windowed step; nothing while it waits)."""
+        col = torch.arange(rows.x.shape[1], device=starts.device)[None]
+        seen = col < starts[:, None] + self.n
+        if windowed:
+            seen = seen & (col >= starts[:, None])
+        return seen if live is None else seen & live.to(seen.device)[:, None]
+
+    def mask_ratio(self, rows: BlockRows) -> torch.Tensor:
+        """[b] masked fraction of each row's own generation region (prompt end to its last block),
+        as the row alone has it (the shared canvas runs on to the longest row's last block)."""
+        end = torch.tensor([d + k * self.n for d, k in zip(rows.pad, rows.n_blocks)], device=rows.x.device)
+        col = torch.arange(rows.x.shape[1], device=rows.x.device)[None]
+        region = (col >= self.P) & (col < end[:, None])
+        return ((rows.x == self.mask_id) & region).sum(-1).float() / region.sum(-1).clamp_min(1)
 
 
 def sample_tokens(logits, config: DecodeConfig, spec, rng: RowRandom, active: list[int]):
@@ -169,7 +190,7 @@ def llada2_block(rows: BlockRows, starts, forward, config: DecodeConfig, spec, r
         masked = block == spec.mask_id
         if not bool(masked.any()):
             break
-        logits = forward(rows, starts, refresh=i == 0)
+        logits = forward(rows, starts, refresh=i == 0, live=masked.any(-1))
         active = masked.any(-1).nonzero().squeeze(-1).tolist()
         x0, p = sample_tokens(logits, config, spec, rng, active)
         commit = confident_commits(p, masked, counts[i], config.threshold)
@@ -193,7 +214,7 @@ def llada21_block(rows: BlockRows, starts, forward, config: DecodeConfig, spec, 
         done |= post > config.max_post_steps
         if bool(done.all()):
             break
-        logits = forward(rows, starts, refresh=first)
+        logits = forward(rows, starts, refresh=first, live=~done)
         first = False
         active = (~done).nonzero().squeeze(-1).tolist()
         x0, p = sample_tokens(logits, config, spec, rng, active)

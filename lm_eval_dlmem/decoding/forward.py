@@ -49,7 +49,7 @@ def guide(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Tensor, cfg_scale: float = 0.0,
                  uncond_mask=None, cache=None, window=None, span=None, keep=None, upcast: bool = False,
-                 block_length: int | None = None):
+                 block_length: int | None = None, visible=None):
     """One forward of `ids` inside the memory's step, with classifier-free guidance.
 
     Args:
@@ -66,6 +66,7 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
             model dtype (the decode strategies choose their own precision).
         block_length: block-causal attention with blocks of this many tokens (block-causal
             families, LLaDA2.x decoding); None attends bidirectionally.
+        visible: `StepInfo.visible` ([B, L] bool: what each row forwards alone), or None.
 
     Returns:
         logits [B, keep_len, V].
@@ -75,7 +76,7 @@ def forward_step(backbone, memory, ids, attn, *, step: int, mask_ratio: torch.Te
         ids, attn = guidance_batch(ids, attn, uncond_mask, backbone.spec.mask_id)
         mask_ratio = torch.cat([mask_ratio, mask_ratio])
     info = StepInfo(step=step, mask_ratio=mask_ratio, window=span or (0, ids.shape[1]), input_ids=ids,
-                    full=window is None)
+                    full=window is None, visible=visible)
     blocks = {} if block_length is None else {"block_length": block_length}
     with memory.step(info):
         logits = backbone.logits(ids, attn, cache=cache, window=window, keep=keep, **blocks)

@@ -15,6 +15,19 @@ request order. Samples of one request that drew the same mask are forwarded once
 by their count (the estimate is unchanged; a one-token continuation needs a single row whatever
 `mc_num` is). The LM head runs only over the continuation span (`keep`).
 
+Block-causal families (LLaDA2.x, `FamilySpec.block_causal`): neither the official LLaDA2
+pipelines (dllm has no LLaDA2 evaluator; its block-diffusion evaluator refuses likelihood) nor
+MemDLM (`memdlm/eval/llada21.py` scores with LLaDA's estimator under a full bidirectional 4-D mask,
+an attention pattern the block-diffusion samplers never use) give a block-causal estimator, so it is
+built from the chain rule over blocks. The canvas is laid out as in decoding: blocks of
+`block_length` tokens from the prefix's first token, attention block-causal. The continuation is
+cut at block boundaries into segments c_1..c_m (the first shares its block with the prefix's end),
+and log p(c | x) = sum_j log p(c_j | x, c_<j); each term gets the estimator above with masks drawn
+only over c_j's tokens (its own strata, `mc_num` samples, ratio over |c_j|). A row masks a single
+segment, so every block before it is clean and every block after it is invisible: each
+conditional is computed under exactly the attention and context the samplers decode that block
+with. Costs `mc_num` samples per block the continuation touches (one-token continuations: one).
+
 Shapes: n rows in a forward, R distinct requests among them, L padded length, T continuation
 length (T_max the longest in the forward), V vocabulary.
 """
@@ -72,22 +85,37 @@ def pack(requests, order, pad_id: int, fill_id: int | None = None):
     return ids, (None if bool(attn.all()) else attn), prompt
 
 
-def require_bidirectional(backbone) -> None:
-    """This estimator masks continuation tokens anywhere and scores them with bidirectional
-    attention, as LLaDA / Dream / LLaDA-MoE are trained. A block-causal family (LLaDA2.x) would
-    return numbers from an attention pattern it never saw: refuse instead of a silent score."""
-    if getattr(backbone.spec, "block_causal", False):
-        raise NotImplementedError(
-            f"Log-likelihood scoring is not available for {backbone.spec.name} checkpoints yet: they attend "
-            "block-causally, and this Monte Carlo estimator scores with bidirectional attention, which "
-            "would give numbers the model was never trained for. Evaluate this family on generate_until "
-            "tasks (loglikelihood / multiple-choice tasks need the block-causal estimator, not built yet).")
+def attention_blocks(backbone, block_length) -> int | None:
+    """The block length the estimator attends with: `block_length` for a block-causal family
+    (LLaDA2.x), None (bidirectional, the argument ignored) for the others.
+
+    Raises:
+        ValueError: a block-causal family without a positive block length.
+    """
+    if not backbone.spec.block_causal:
+        return None
+    if block_length is None or int(block_length) < 1:
+        raise ValueError(
+            f"block_length={block_length}: {backbone.spec.name} checkpoints attend block-causally, so "
+            "likelihood scoring needs the block length they decode with (block_length=32 for the "
+            "released LLaDA2.x models).")
+    return int(block_length)
+
+
+def segments(prefix_len: int, target_len: int, block_length: int | None) -> list[tuple[int, int]]:
+    """Continuation slices [s, e) that lie in one block of a canvas whose blocks start at the
+    prefix's first token; one slice (the whole continuation) without blocks."""
+    if block_length is None or target_len == 0:
+        return [(0, target_len)]
+    cuts = [t for t in range(1, target_len) if (prefix_len + t) % block_length == 0]
+    bounds = [0, *cuts, target_len]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 @torch.no_grad()
 def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32, seeds=None,
                   cfg_scale: float = 0.0, check_greedy: bool = False, memory=None, progress=None,
-                  stratum: int = 32) -> list[tuple[float, bool]]:
+                  stratum: int = 32, block_length: int | None = None) -> list[tuple[float, bool]]:
     """Score continuations.
 
     Args:
@@ -106,12 +134,14 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
             scope (MemDLM) a request whose rows span several forwards adapts once.
         progress: optional callable(n) or tqdm, advanced per finished request.
         stratum: samples sharing one stratified draw of mask counts (the official batch_size).
+        block_length: a block-causal family's block length (LLaDA2.x: required; the estimator
+            runs per block, see the module docstring); ignored by bidirectional families.
 
     Returns:
         list of (log-likelihood estimate, is_greedy) in request order; is_greedy is None where
         it was not computed (a continuation of two or more tokens without check_greedy).
     """
-    require_bidirectional(backbone)
+    blocks = attention_blocks(backbone, block_length)
     for name, value in (("mc_num", mc_num), ("batch_size", batch_size), ("stratum", stratum)):
         if int(value) < 1:
             raise ValueError(f"{name}={value} must be >= 1.")
@@ -123,12 +153,12 @@ def loglikelihood(backbone, requests, *, mc_num: int = 128, batch_size: int = 32
     longer = [i for i, (_, c) in enumerate(requests) if len(c) > 1]
     if check_greedy and longer:
         checked = greedy_check(backbone, [requests[i] for i in longer], batch_size=batch_size,
-                               cfg_scale=cfg_scale, memory=memory)
+                               cfg_scale=cfg_scale, memory=memory, block_length=blocks)
         for i, ok in zip(longer, checked):
             greedy[i] = ok
     with memory.adapt_once():
         scores = mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory,
-                           lambda i: _advance(progress, 1), greedy)
+                           lambda i: _advance(progress, 1), greedy, blocks)
     return [(s, g) for s, g in zip(scores, greedy)]
 
 
@@ -144,9 +174,11 @@ def _advance(progress, n):
         (progress.update if hasattr(progress, "update") else progress)(n)
 
 
-def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done, greedy=None):
-    """-mean sample loss per request; `on_done(i)` once request i's last row is scored. When a
-    list `greedy` is given, greedy[i] of a one-token continuation is set from its row."""
+def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale, memory, on_done, greedy=None,
+              block_length=None):
+    """-mean sample loss per request (summed over its segments); `on_done(i)` once request i's
+    last row is scored. When a list `greedy` is given, greedy[i] of a one-token continuation is
+    set from its row. `block_length`: block-causal attention, one segment per block."""
     order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
     totals = torch.zeros(len(requests), dtype=torch.float64, device=backbone.device)
     rows = []  # (request, mask [T], ratio, multiplicity, is its last row)
@@ -155,22 +187,28 @@ def mc_scores(backbone, requests, mc_num, batch_size, stratum, seeds, cfg_scale,
         if T == 0:  # log p(empty continuation) = 0
             on_done(i)
             continue
-        masks, _ = draw_samples(T, mc_num, stratum, torch.Generator().manual_seed(seeds[i]))
-        # Samples with the same mask give the same loss: forward each distinct mask once and
-        # weight it by its multiplicity (exact; short continuations repeat a lot: T=1 has one).
-        patterns, counts = torch.unique(masks, dim=0, return_counts=True)
-        ratios = patterns.sum(-1) / T
-        n = len(patterns)
-        rows.extend((i, patterns[s], ratios[s], counts[s], s == n - 1) for s in range(n))
-        while len(rows) >= batch_size:
-            _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done, greedy)
-            rows = rows[batch_size:]
+        gen = torch.Generator().manual_seed(seeds[i])
+        parts = segments(len(requests[i][0]), T, block_length)
+        for j, (s, e) in enumerate(parts):
+            masks = torch.zeros(mc_num, T, dtype=torch.bool)
+            masks[:, s:e] = draw_samples(e - s, mc_num, stratum, gen)[0]
+            # Samples with the same mask give the same loss: forward each distinct mask once and
+            # weight it by its multiplicity (exact; short continuations repeat a lot: T=1 has one).
+            patterns, counts = torch.unique(masks, dim=0, return_counts=True)
+            ratios = patterns.sum(-1) / (e - s)
+            n, last = len(patterns), j == len(parts) - 1
+            rows.extend((i, patterns[r], ratios[r], counts[r], last and r == n - 1) for r in range(n))
+            while len(rows) >= batch_size:
+                _forward_rows(backbone, requests, rows[:batch_size], totals, cfg_scale, memory, seeds, on_done,
+                              greedy, block_length)
+                rows = rows[batch_size:]
     if rows:
-        _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy)
+        _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy, block_length)
     return (-(totals / mc_num)).tolist()
 
 
-def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy=None):
+def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on_done, greedy=None,
+                  block_length=None):
     """One forward over sample rows: adds each row's `sum CE / ratio` to `totals[request]`; sets
     `greedy[request]` for one-token continuations (their only row is fully masked, so the
     argmax at that position is the whole greedy decode)."""
@@ -193,7 +231,7 @@ def _forward_rows(backbone, requests, rows, totals, cfg_scale, memory, seeds, on
         memory.select(layout)
         logits = forward_step(backbone, memory, noisy, None if attn_d is None else attn_d[layout], step=0,
                               mask_ratio=ratio, cfg_scale=cfg_scale, uncond_mask=prompt[layout],
-                              keep=(L - T_max, L), upcast=True)
+                              keep=(L - T_max, L), upcast=True, block_length=block_length)
     ce = F.cross_entropy(logits[masked], clean[masked], reduction="none")
     per_row = torch.zeros(len(rows), device=device).index_add_(0, masked.nonzero()[:, 0], ce) / ratio
     per_row = per_row * torch.stack([row[3] for row in rows]).to(device)
@@ -215,23 +253,26 @@ def _session(memory, backbone, requests, reqs, attn, prompt, seeds):
 
 
 @torch.no_grad()
-def greedy_check(backbone, requests, *, batch_size: int = 32, cfg_scale: float = 0.0, memory=None) -> list[bool]:
+def greedy_check(backbone, requests, *, batch_size: int = 32, cfg_scale: float = 0.0, memory=None,
+                 block_length: int | None = None) -> list[bool]:
     """LLaDA's `suffix_greedy_prediction`, batched over requests: starting from a fully masked
     continuation, commit the single most confident position per step (argmax token, float32
-    softmax confidence); True when the result equals the continuation."""
-    require_bidirectional(backbone)
+    softmax confidence); True when the result equals the continuation. A block-causal family
+    (`block_length`, see `loglikelihood`) attends block-causally and picks only among the masked
+    positions of the earliest block that still has any, as its samplers decode."""
+    blocks = attention_blocks(backbone, block_length)
     memory = memory if memory is not None else NoMemory()
     order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])), i))
     out = [True] * len(requests)
     for start in range(0, len(order), batch_size):
         chunk = [i for i in order[start:start + batch_size] if requests[i][1]]
         if chunk:
-            for i, ok in zip(chunk, _greedy_chunk(backbone, requests, chunk, cfg_scale, memory)):
+            for i, ok in zip(chunk, _greedy_chunk(backbone, requests, chunk, cfg_scale, memory, blocks)):
                 out[i] = ok
     return out
 
 
-def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
+def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory, block_length=None) -> list[bool]:
     device, mask_id = backbone.device, backbone.spec.mask_id
     clean, attn, prompt = pack(requests, chunk, backbone.spec.eos_id)
     x = pack(requests, chunk, backbone.spec.eos_id, fill_id=mask_id)[0].to(device)
@@ -240,28 +281,41 @@ def _greedy_chunk(backbone, requests, chunk, cfg_scale, memory) -> list[bool]:
     L, T = x.shape[1], torch.tensor([len(requests[i][1]) for i in chunk], device=device)
     T_max = int(T.max())
     rows = torch.arange(len(chunk), device=device)
+    block = span_blocks(requests, chunk, L, T_max, block_length, device)
     with _session(memory, backbone, requests, chunk, attn, prompt, None):
         for step in range(T_max):  # one commit per step; shorter continuations finish early
             masked = (x == mask_id)[:, L - T_max:]
             ratio = masked.sum(-1).float() / T
             logits = forward_step(backbone, memory, x, attn, step=step, mask_ratio=ratio, cfg_scale=cfg_scale,
-                                  uncond_mask=prompt, keep=(L - T_max, L), upcast=True)
+                                  uncond_mask=prompt, keep=(L - T_max, L), upcast=True, block_length=block_length)
             x0 = logits.argmax(-1)
-            pos = low_confidence(logits, x0, masked).argmax(-1)  # the surest masked position
+            candidates = masked & (block == block.masked_fill(~masked, T_max + L).min(-1, keepdim=True).values)
+            pos = low_confidence(logits, x0, candidates).argmax(-1)  # the surest masked position
             live = masked.any(-1)
             x[rows[live], L - T_max + pos[live]] = x0[rows[live], pos[live]]
     return (x[:, L - T_max:] == clean[:, L - T_max:]).all(-1).tolist()
 
 
+def span_blocks(requests, chunk, L: int, T_max: int, block_length: int | None, device) -> torch.Tensor:
+    """[R, T_max] block index of each column of the continuation span [L - T_max, L) of the
+    left-packed canvas (blocks from each row's first token); all zeros without blocks."""
+    if block_length is None:
+        return torch.zeros(len(chunk), T_max, dtype=torch.long, device=device)
+    pad = torch.tensor([L - len(requests[i][0]) - len(requests[i][1]) for i in chunk], device=device)
+    columns = torch.arange(L - T_max, L, device=device)
+    return torch.div(columns[None] - pad[:, None], block_length, rounding_mode="floor")
+
+
 @torch.no_grad()
 def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int = 128, batch_size: int = 32,
                           seeds=None, cfg_scale: float = 0.0, memory=None, progress=None,
-                          stratum: int = 32) -> list[float]:
+                          stratum: int = 32, block_length: int | None = None) -> list[float]:
     """Log-likelihood of whole texts: lm-eval's disjoint rolling windows of at most `max_length`
     tokens, each scored given the tokens before it with the same estimator, summed per text.
 
     Args:
-        backbone, mc_num, batch_size, cfg_scale, memory, stratum: as for `loglikelihood` (the
+        backbone, mc_num, batch_size, cfg_scale, memory, stratum, block_length: as for
+            `loglikelihood` (the
             windows of all texts are packed into forwards together; under CFG a window's
             unconditional row masks its context).
         token_lists: the texts' token ids.
@@ -274,8 +328,7 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
     """
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    require_bidirectional(backbone)
-
+    blocks = attention_blocks(backbone, block_length)
     spec = backbone.spec
     prefix_token = spec.bos_id if spec.bos_id is not None else spec.eos_id
     seeds = _seeds(seeds, len(token_lists))
@@ -299,7 +352,8 @@ def loglikelihood_rolling(backbone, token_lists, *, max_length: int, mc_num: int
 
     memory = memory if memory is not None else NoMemory()
     with memory.adapt_once():
-        scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, cfg_scale, memory, window_done)
+        scores = mc_scores(backbone, pairs, mc_num, batch_size, stratum, pair_seeds, cfg_scale, memory, window_done,
+                           block_length=blocks)
     totals = [0.0] * len(token_lists)
     for i, s in zip(owner, scores):
         totals[i] += s

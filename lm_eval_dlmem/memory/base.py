@@ -38,6 +38,11 @@ class StepInfo:
         input_ids: [B, L] the rows being forwarded (under classifier-free guidance the 2B rows
             [conditional; unconditional], and mask_ratio has 2B entries).
         full: True when this forward covers the whole canvas (no cache, or a cache refresh).
+        visible: [B, L] bool over the canvas, or None (= every forwarded position): what each row
+            would forward if decoded alone. The block-diffusion loop shares one window among rows
+            whose blocks sit at different columns and keeps forwarding rows that wait for their
+            batch-mates (no visible position); a memory that changes per step reads and updates
+            only through this, so a row's memory does not depend on its batch-mates.
     """
 
     step: int
@@ -45,6 +50,7 @@ class StepInfo:
     window: tuple[int, int]
     input_ids: torch.Tensor
     full: bool = True
+    visible: torch.Tensor | None = None
 
 
 class Memory:

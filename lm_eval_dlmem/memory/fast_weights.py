@@ -8,10 +8,13 @@ set i % S), so a batch adapts like its rows one by one. Targets (`inner_targets`
 `inner_layer_fraction` of the blocks: `released` (default) matches the names gate_proj/up_proj/
 down_proj where the released `InnerLoRAManager` looks for them (LLaDA-MoE: every
 `mlp.experts[e].*_proj`, not the layer's `shared_expert`, which the released code looks for as
-`mlp.shared_experts`; dense LLaDA-8B: only the block's `up_proj`; Dream: `mlp.*_proj`); `ffn`
-takes every FFN projection (adds LLaDA-MoE's `shared_expert.*` and LLaDA's `ff_proj`/`ff_out`). A
-projection that an outer PEFT LoRA already wraps gets the fast weights on its `.base_layer`, so
-the outer LoRA sits on top, as in the released code. Wrappers keep the original module as `base_layer`; removing
+`mlp.shared_experts`; LLaDA2.x: every expert and `mlp.shared_experts`, whose name the
+released code does match, and a dense block's `mlp.*_proj`; dense LLaDA-8B: only the block's
+`up_proj`; Dream: `mlp.*_proj`); `ffn` takes every FFN projection (adds LLaDA-MoE's
+`shared_expert.*` and LLaDA's `ff_proj`/`ff_out`; the shared expert's place is the spec's
+`shared_expert`). A projection that an outer PEFT LoRA already wraps gets the fast weights on
+its `.base_layer`, so the outer LoRA sits on top, as in the released code. Wrappers keep the
+original module as `base_layer`; removing
 them puts the original objects back. Experts see a gathered subset of tokens; the backbone's
 `EXPERT_TOKENS` context variable tells their wrappers each token's row.
 
@@ -182,13 +185,23 @@ def ffn_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, boo
             groups = [(expert, True) for expert in mlp.experts]
         else:
             groups = [(mlp, False)]
-        shared = getattr(layer, "shared_expert", None)
+        shared = _submodule(layer, backbone.spec.shared_expert)
         if shared is not None:
             groups.append((shared, False))
         found += [(parent, name, expert) for parent, expert in groups for name in names if hasattr(parent, name)]
     if not found:
         raise ValueError("No FFN projections found in the last layers; this backbone layout is not supported.")
     return found
+
+
+def _submodule(module: nn.Module, path: str | None) -> nn.Module | None:
+    """`module.a.b` for path "a.b", or None when the path is None or absent (a block without
+    shared experts)."""
+    if not path:
+        return None
+    for name in path.split("."):
+        module = getattr(module, name, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 def released_projections(backbone, fraction: float) -> list[tuple[nn.Module, str, bool]]:

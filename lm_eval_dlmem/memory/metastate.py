@@ -328,7 +328,11 @@ class MetaState(Memory, nn.Module):
         if self._read is not None:
             h, key_mask = self._read
             x = self.mixer(self.state, h, key_mask, self._cond)
-            self.state = self.updater(x, self.state, self._cond)
+            state = self.updater(x, self.state, self._cond)
+            if info.visible is not None:  # a row waiting for its batch-mates keeps its state
+                live = info.visible[: state.shape[0]].any(-1).to(state.device)
+                state = torch.where(live[:, None, None], state, self.state)
+            self.state = state
         self._info, self._read = None, None
 
     def select(self, rows: torch.Tensor) -> None:
@@ -369,6 +373,8 @@ class MetaState(Memory, nn.Module):
         B = self.state.shape[0]
         s, e = self._span(output.shape[1])
         key_mask = self._mask[:, s:e]
+        if self._info.visible is not None:  # only what the row forwards when decoded alone
+            key_mask = key_mask & self._info.visible[:B, s:e].to(key_mask.device)
         # a row with no real token in the window would give NaN attention; let it read everything
         key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
         # with a guidance pass appended, the conditional rows come first

@@ -120,19 +120,24 @@ def inner_config(args) -> MemDLMConfig:
 
 def load_model(args, accelerator):
     """Base (4-bit NF4 on CUDA unless --no-4bit) + trainable outer LoRA, as a `Backbone`."""
+    cuda = accelerator.device.type == "cuda"
+    if not cuda:
+        print("[memdlm] no CUDA device: training the base in float32 (4-bit NF4 needs CUDA).")
+    return build_model(args, accelerator.device, four_bit=cuda and not args.no_4bit,
+                       dtype=args.dtype if cuda else "float32")
+
+
+def build_model(args, device, *, four_bit: bool, dtype: str):
+    """`args.backbone` in `dtype`, or NF4 4-bit (double quantisation, every linear but the LM head;
+    a bare-parameter router such as LLaDA2's stays in float) readied by PEFT's
+    `prepare_model_for_kbit_training`, as the released training loads it; then a fresh trainable
+    outer LoRA. `load_model` picks the settings; tests call this to run the 4-bit path on a CPU."""
     from peft import prepare_model_for_kbit_training
 
     from ..backbones.loading import load_backbone
     from ..memory.adapters import add_outer_lora
 
-    cuda = accelerator.device.type == "cuda"
-    four_bit = cuda and not args.no_4bit
-    if not cuda:
-        print("[memdlm] no CUDA device: training the base in float32 (4-bit NF4 needs CUDA).")
-    backbone = load_backbone(
-        args.backbone, dtype=args.dtype if cuda else "float32", load_in_4bit=four_bit,
-        device=accelerator.device,
-    )
+    backbone = load_backbone(args.backbone, dtype=dtype, load_in_4bit=four_bit, device=device)
     if four_bit:
         backbone.model = prepare_model_for_kbit_training(
             backbone.model, use_gradient_checkpointing=args.gradient_checkpointing,

@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text, truncate_tokens
+from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text,
+                                  truncate_tokens)
 
 from .decoding.config import DecodeConfig
 from .decoding.seeds import request_seed

@@ -43,8 +43,8 @@ class DlmLM(TemplateLM):
         super().__init__()
         self.args = a = ModelArgs.from_kwargs(self.preset, **kwargs)
         self.placement = place(a.device, a.parallelize)
-        self._device, self._rank, self._world_size = self.placement.device, self.placement.rank, self.placement.world_size
-        self.accelerator = self.placement.accelerator
+        p = self.placement
+        self._device, self._rank, self._world_size, self.accelerator = p.device, p.rank, p.world_size, p.accelerator
         backbone = load_backbone(
             a.pretrained, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
             load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
@@ -259,4 +259,5 @@ class MemDLMLLaDA2(DlmLM):
     default_max_gen_toks = 512
 
 
-__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "MemDLMLLaDA2", "repeat_indices", "warn_is_greedy_not_computed"]
+__all__ = ["DlmLM", "MetaStateLLaDA", "MetaStateDream", "MemDLMLLaDAMoE", "MemDLMLLaDA2",
+           "repeat_indices", "warn_is_greedy_not_computed"]

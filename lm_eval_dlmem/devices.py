@@ -26,6 +26,25 @@ class Placement:
     rank: int = 0
     world_size: int = 1
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor of every rank, concatenated (itself in a single process)."""
+        return self.accelerator.gather(tensor) if self.accelerator is not None else tensor
+
+    def gather_object(self, obj, dst: int = 0) -> list | None:
+        """Every rank's `obj` as a list on rank `dst` (None on the others); [obj] alone."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size if self.rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        """Wait for every rank (nothing to wait for in a single process)."""
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
 
 def place(requested: str | None, parallelize: bool) -> Placement:
     """The harness's device from `device=` and the launcher.

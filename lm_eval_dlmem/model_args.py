@@ -19,7 +19,7 @@ import torch
 
 from .checks import NON_NEGATIVE, POSITIVE, Range, check_batch_size
 from .decoding.config import DECODE_RANGES, DecodeConfig
-from .decoding.strategies import REGISTRY
+from .decoding.strategies import REGISTRY, check_strategy_fits, fitting_strategies
 from .memory.fast_weights import MemDLMConfig
 
 log = logging.getLogger(__name__)
@@ -411,3 +411,26 @@ def _cast(name: str, value, hint):
             f"Model arg {name}={value!r} is malformed: expected {getattr(target, '__name__', target)}."
         ) from None
     return value
+
+
+def resolve_strategy(args: ModelArgs, spec, preset: dict | None = None, given=()) -> None:
+    """Fix the decoding strategy before any request: `strategy=` (or the preset's), else the
+    family's `default_strategy` (LLaDA2.x: `llada2`), else DecodeConfig's; `threshold=None`
+    becomes the strategy's default, so the run fingerprint holds what decoding uses. A preset's
+    strategy is a default for its own family: on a checkpoint whose attention it does not fit
+    (a LLaDA2.x checkpoint under `metastate-llada`) the family's default replaces it, unless
+    `strategy=` was given (`given`: the model args as typed). `block_length=None` becomes the
+    family's `default_block_length` (LLaDA2.x: 32; the others keep one block).
+
+    Raises:
+        ValueError: the strategy's attention pattern is not the family's (a bidirectional
+            strategy on LLaDA2.x would decode with attention the model was not trained for).
+    """
+    from_preset = "strategy" not in given and args.strategy == (preset or {}).get("strategy")
+    if args.strategy is None or (from_preset and args.strategy not in fitting_strategies(spec)):
+        args.strategy = spec.default_strategy or DecodeConfig.strategy
+    check_strategy_fits(args.strategy, spec, arg=args.typed_names.get("strategy", "strategy"))
+    if args.threshold is None:
+        args.threshold = DecodeConfig.default_threshold(args.strategy)
+    if args.block_length is None:
+        args.block_length = spec.default_block_length

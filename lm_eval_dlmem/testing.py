@@ -38,7 +38,8 @@ def build_tokenizer(family: str, bpe_vocab: int = 384, total_vocab: int | None =
     `total_vocab` pads the vocabulary with unused reserved tokens (for LM-head-realistic sizes).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+
+    from .training.tokenizer import fast_tokenizer
 
     spec = get_spec(family)
     tok = Tokenizer(models.BPE())
@@ -48,20 +49,9 @@ def build_tokenizer(family: str, bpe_vocab: int = 384, total_vocab: int | None =
         vocab_size=bpe_vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator([line for line in _CORPUS.splitlines() if line], trainer=trainer)
-    specials = spec.special_tokens
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=spec.bos_token,
-        eos_token=spec.eos_token,
-        pad_token=spec.eos_token,
-        mask_token=spec.mask_token,
-        additional_special_tokens=[t for t in specials if t not in (spec.bos_token, spec.eos_token, spec.mask_token)],
-        clean_up_tokenization_spaces=False,
-    )
+    fast = fast_tokenizer(tok, spec, spec.special_tokens)
     if total_vocab and total_vocab > len(fast):
         fast.add_tokens([f"<|reserved_{i}|>" for i in range(total_vocab - len(fast))], special_tokens=True)
-    fast.chat_template = spec.chat_template
-    fast.padding_side = "left"
     return fast
 
 

@@ -403,3 +403,41 @@ def test_every_configured_strategy_is_a_registered_object_with_one_commit_signat
     finally:
         del REGISTRY["spy"]
     assert calls == [(0, 1, (1, 4, V)), (1, 1, (1, 4, V))] and out.tolist() == [[4, 4, 4, 4]]
+
+
+# ---- the low-confidence selections ----------------------------------------------------------
+def test_rank_mask_chooses_only_allowed_positions():
+    from lm_eval_dlmem.decoding.strategies import rank_mask
+
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, 0.1, 0.0]])
+    allowed = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    assert rank_mask(scores, torch.tensor([2, 1]), allowed=allowed).tolist() == [
+        [False, False, True, True], [True, False, False, False]]
+    # a count above the allowed positions chooses them all, never a disallowed one
+    assert rank_mask(scores, torch.tensor([4, 0]), allowed=allowed).tolist() == [
+        [True, False, True, True], [False, False, False, False]]
+
+
+def test_rank_mask_tie_orders():
+    """stable: ties to the earlier position; stable=False: exactly the ranks of torch's default
+    argsort (MetaState training's order, kept so its unrolls are unchanged)."""
+    from lm_eval_dlmem.decoding.strategies import rank_mask
+
+    assert rank_mask(torch.full((1, 5), 0.5), torch.tensor([2])).tolist() == [[True, True, False, False, False]]
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (8, 40), generator=g).float()  # many ties
+    counts = torch.randint(0, 40, (8,), generator=g)
+    default_ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
+    assert torch.equal(rank_mask(scores, counts, stable=False), default_ranks < counts[:, None])
+
+
+def test_topk_rows_is_torch_topk_per_row():
+    from lm_eval_dlmem.decoding.strategies import topk_rows
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 3, (4, 30), generator=g).float()  # ties: topk's own order decides
+    counts = [0, 1, 7, 30]
+    got = topk_rows(scores, counts)
+    assert got.sum(1).tolist() == counts
+    for row, k in enumerate(counts[1:], start=1):
+        assert got[row].nonzero().squeeze(-1).tolist() == sorted(torch.topk(scores[row], k).indices.tolist())

@@ -30,7 +30,7 @@ SAMPLED = {"until": ["\n"], "max_gen_toks": 8, "do_sample": True, "temperature":
 
 
 def generate(lm, prompts, gen_kwargs, batch_size: int) -> dict[str, str]:
-    lm._batch_size = str(batch_size)
+    lm.args.batch_size = str(batch_size)
     torch.manual_seed(random.randrange(1 << 30))  # the global RNG must not matter
     reqs = [Instance("generate_until", doc={}, arguments=(p, dict(gen_kwargs)), idx=i) for i, p in enumerate(prompts)]
     return dict(zip(prompts, lm.generate_until(reqs, disable_tqdm=True)))

@@ -130,3 +130,19 @@ def test_likelihood_memory_sees_the_guidance_batch_as_the_decoder_does(tiny_ckpt
     loglikelihood(bb, [([3, 4, 5], [6])], mc_num=1, cfg_scale=0.5, memory=mem)
     (before,) = [e for e in mem.events if e[0] == "before"]
     assert before[2][0] == 2 and len(before[3]) == 2
+
+
+def test_sequential_nll_commits_down_to_the_next_ratio():
+    """The sequential trajectory reveals the most confident masked predictions until
+    int(n * next_ratio) response tokens stay masked in each row, and touches nothing else."""
+    from lm_eval_dlmem.training.nll import _commit
+
+    mask_id = 99
+    canvas = torch.tensor([[1, mask_id, mask_id, mask_id, mask_id], [1, 2, mask_id, mask_id, 5]])
+    masked = canvas == mask_id
+    logits = torch.zeros(2, 5, 8)
+    logits[0, 1:, 3] = torch.tensor([1.0, 4.0, 3.0, 2.0])  # row 0: positions 2 > 3 > 4 > 1
+    logits[1, 2:4, 4] = torch.tensor([5.0, 1.0])
+    n = torch.tensor([4, 3])  # response lengths
+    out = _commit(canvas, logits, masked, n, 0.34)  # keep int(4 * .34) = 1 and int(3 * .34) = 1 masked
+    assert out.tolist() == [[1, mask_id, 3, 3, 3], [1, 2, 4, mask_id, 5]]

@@ -314,3 +314,16 @@ def test_outer_adapters_load_from_the_backbone_package_and_the_old_path():
 
     for name in ("apply_adapter", "add_outer_lora", "check_adapter_keys", "AdapterKeysError", "linear_targets"):
         assert getattr(old, name) is getattr(new, name), name
+
+
+@pytest.mark.parametrize("inner_steps", [0, 2])
+def test_a_session_on_another_backbone_is_refused(backbones, inner_steps):
+    """The memory holds its backbone from construction (its fast weights live in that model's
+    modules); a session on another model would adapt one model and decode with the other."""
+    bb, other = backbones["llada"], backbones["dream"]
+    ids, attn, pm = prompts(other, [6])
+    mem = FastWeightMemory(bb, MemDLMConfig(inner_steps=inner_steps))
+    with pytest.raises(ValueError, match="different backbone than the one it was built for"):
+        with mem.session(other, ids, attn, pm, [0]):
+            pass
+    assert not mem.layers

@@ -11,7 +11,8 @@ import torch
 from lm_eval_dlmem.backbones import load_backbone
 from lm_eval_dlmem.memory import Memory, MetaState
 from lm_eval_dlmem.training.data import collate, tokenize_pairs
-from lm_eval_dlmem.training.metastate import UnrollConfig, first_k, main, masked_count, unrolled_loss
+from lm_eval_dlmem.decoding.strategies import rank_mask
+from lm_eval_dlmem.training.metastate import UnrollConfig, main, masked_count, unrolled_loss
 
 WORDS = "apple banana cherry table chair window river mountain forest ocean".split()
 
@@ -59,7 +60,7 @@ def test_schedule_helpers():
     assert masked_count(R, 4, 4).tolist() == [0, 0, 0]
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
     allowed = torch.tensor([[True, False, True, True]])
-    assert first_k(scores, allowed, torch.tensor([2])).tolist() == [[False, False, True, True]]
+    assert rank_mask(scores, torch.tensor([2]), allowed=allowed, stable=False).tolist() == [[False, False, True, True]]
 
 
 def test_unroll_follows_the_schedule_and_never_masks_the_prompt(llada, batch):

@@ -55,7 +55,8 @@ def test_sample_t_is_stratified():
 
 @pytest.mark.parametrize("mode", ["sft", "pretrain"])
 def test_sft_never_masks_the_prompt(tokenizer_dir, tmp_path, mode):
-    args, (model, tok, *_rest) = _setup(tokenizer_dir, tmp_path)
+    args, run = _setup(tokenizer_dir, tmp_path)
+    model, tok = run.model, run.tokenizer
     spec_mask = tok.mask_token_id
     batches, _ = P.make_data(args, tok, tok.eos_token_id)
     batch = batches[0]
@@ -70,7 +71,8 @@ def test_sft_never_masks_the_prompt(tokenizer_dir, tmp_path, mode):
 
 
 def test_loss_falls_over_a_short_run(tokenizer_dir, tmp_path):
-    args, (model, tok, optimizer, scheduler, _) = _setup(tokenizer_dir, tmp_path, "--lr", "1e-2", "--max-steps", "25")
+    args, run = _setup(tokenizer_dir, tmp_path, "--lr", "1e-2", "--max-steps", "25")
+    model, tok, optimizer, scheduler = run.model, run.tokenizer, run.optimizer, run.scheduler
     batches, evals = P.make_data(args, tok, tok.eos_token_id)
     cfg = P.MaskConfig("sft")
     model.eval()
@@ -100,7 +102,8 @@ def test_main_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_path):
 
 
 def test_new_model_has_official_llada_config(tokenizer_dir, tmp_path):
-    args, (model, tok, *_rest) = _setup(tokenizer_dir, tmp_path)
+    args, run = _setup(tokenizer_dir, tmp_path)
+    model, tok = run.model, run.tokenizer
     cfg = model.config
     assert cfg.architectures == ["LLaDAModelLM"] and cfg.d_model == 32 and cfg.n_layers == 2
     assert cfg.mask_token_id == tok.mask_token_id and cfg.vocab_size % 64 == 0 and cfg.vocab_size >= len(tok)

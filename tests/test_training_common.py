@@ -1,6 +1,7 @@
 """`training.common`: the resume rules and the schedule, one implementation for every script."""
 
 import pytest
+import torch
 
 from lm_eval_dlmem.training import common, memdlm, metastate, pretrain
 
@@ -24,3 +25,46 @@ def test_cosine_schedule_warms_up_from_one_step_and_ends_at_the_floor():
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]
     assert values[4] == 1.0 and values[12] == values[13] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[3:], values[4:]))
+
+
+def test_trainer_state_round_trip(tmp_path):
+    """What a checkpoint saves is what a resume restores: optimizer moments, the schedule's
+    position and the step (args only when given), through the weights-only loader."""
+    import argparse
+
+    from lm_eval_dlmem.training.common import cosine_schedule
+    from lm_eval_dlmem.training.state import load_trainer_state, restore_trainer_state, save_trainer_state
+
+    def fresh():
+        param = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([param], lr=0.1)
+        return param, opt, cosine_schedule(opt, 2, 10, 0.1)
+
+    param, opt, sched = fresh()
+    for _ in range(3):
+        param.grad = torch.full_like(param, 0.5)
+        opt.step()
+        sched.step()
+    save_trainer_state(str(tmp_path), opt, sched, 3, argparse.Namespace(lr=0.1))
+    assert load_trainer_state(str(tmp_path))["args"] == {"lr": 0.1}
+    _, opt2, sched2 = fresh()
+    assert restore_trainer_state(str(tmp_path), opt2, sched2) == 3
+    assert sched2.last_epoch == 3 and sched2.get_last_lr() == sched.get_last_lr()
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    save_trainer_state(str(tmp_path), opt, sched, 3)
+    assert "args" not in load_trainer_state(str(tmp_path))
+
+
+def test_fast_weight_flags_default_to_memdlm_config():
+    """The trainer's and the exposure-bias analysis' --inner-* flags are the inference defaults
+    (`MemDLMConfig`), declared once."""
+    from lm_eval_dlmem.analysis import exposure_bias
+    from lm_eval_dlmem.memory.fast_weights import MemDLMConfig
+
+    d = MemDLMConfig()
+    parsed = [memdlm.build_parser().parse_args(["--output-dir", "x", "--backbone", "b", "--data", "d"]),
+              exposure_bias.build_parser().parse_args(["--output-dir", "x", "--backbone", "b", "--data", "d",
+                                                       "--config", "a=none:0"])]
+    for args in parsed:
+        assert (args.inner_lr, args.inner_rank, args.inner_alpha, args.inner_layer_fraction) == (
+            d.inner_lr, d.inner_rank, d.inner_alpha, d.inner_layer_fraction)

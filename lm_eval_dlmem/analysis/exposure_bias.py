@@ -26,6 +26,7 @@ import torch
 
 from ..decoding.seeds import row_seeds
 from ..training.data import collate, load_pairs, tokenize_pairs
+from ..training.memdlm import add_fast_weight_args
 from ..training.nll import sequential_nll, static_nll
 
 
@@ -50,10 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat-template", action="store_true", help="plain prompt + response without the chat template")
     p.add_argument("--num-steps", type=int, default=10, help="ratios 1, 1 - 1/n, ..., 1/n")
     p.add_argument("--batch-size", type=int, default=4, help="examples per forward")
-    p.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD learning rate")
-    p.add_argument("--inner-rank", type=int, default=32, help="fast LoRA rank")
-    p.add_argument("--inner-alpha", type=float, default=64.0, help="fast LoRA alpha")
-    p.add_argument("--inner-layer-fraction", type=float, default=0.1, help="fraction of the last blocks with fast weights")
+    add_fast_weight_args(p)
     p.add_argument("--inner-mask-ratio", type=float, default=0.2, help="anchor mask ratio on the prompt")
     p.add_argument("--dtype", default="auto", help="model dtype (auto, bfloat16, float32)")
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 4-bit base (CUDA)")

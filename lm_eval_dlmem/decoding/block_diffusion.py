@@ -32,7 +32,7 @@ from ..memory.base import NoMemory
 from .config import DecodeConfig
 from .forward import forward_step
 from .schedule import llada_transfer_counts
-from .strategies import RowRandom, argmax_without, filter_top_k, filter_top_p, suppress
+from .strategies import RowRandom, argmax_without, filter_top_k, filter_top_p, suppress, topk_rows
 
 
 @dataclass
@@ -169,13 +169,10 @@ def confident_commits(p, masked, k: int, threshold: float) -> torch.Tensor:
     samplers break ties)."""
     confidence = p.masked_fill(~masked, -torch.inf)
     high = (confidence > threshold) & masked
-    commit = high.clone()
     n_high, n_masked = high.sum(-1).tolist(), masked.sum(-1).tolist()
-    for r, (h, m) in enumerate(zip(n_high, n_masked)):
-        if h < k and m and k:
-            commit[r] = False
-            commit[r, torch.topk(confidence[r], min(k, m)).indices] = True
-    return commit
+    counts = [min(k, m) if h < k else 0 for h, m in zip(n_high, n_masked)]  # rows short of k high ones
+    short = torch.tensor([c > 0 for c in counts], device=p.device)
+    return torch.where(short[:, None], topk_rows(confidence, counts), high)
 
 
 def gather_blocks(x, starts, n):

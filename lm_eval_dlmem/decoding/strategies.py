@@ -127,12 +127,32 @@ def topk_mask(confidence: torch.Tensor, k: int, spans=None) -> torch.Tensor:
     return commit
 
 
-def rank_mask(confidence: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """[B, n] bool: the `counts[b]` most confident positions of row b (counts [B] on device)."""
-    order = confidence.argsort(dim=-1, descending=True, stable=True)
+def topk_rows(confidence: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """[B, n] bool: the `counts[b]` most confident positions of row b by `torch.topk` over the
+    row, the tie order of samplers that loop over rows (LLaDA2.x block diffusion, the NLL
+    analysis' sequential trajectory). A count <= 0 chooses nothing."""
+    commit = torch.zeros_like(confidence, dtype=torch.bool)
+    for row, k in enumerate(counts):
+        if k > 0:
+            commit[row, torch.topk(confidence[row], k).indices] = True
+    return commit
+
+
+def rank_mask(confidence: torch.Tensor, counts: torch.Tensor, allowed: torch.Tensor | None = None,
+              stable: bool = True) -> torch.Tensor:
+    """[B, n] bool: the `counts[b]` most confident positions of row b (counts [B] on device),
+    without a host sync (threshold decoding, MetaState's unroll).
+
+    `allowed` [B, n] bool: only allowed positions are ranked and chosen (a count above a row's
+    allowed positions chooses them all). `stable`: ties go to the earlier position; False keeps
+    the order torch's default sort leaves them in (what MetaState training has always used)."""
+    if allowed is not None:
+        confidence = confidence.masked_fill(~allowed, -torch.inf)
+    order = confidence.argsort(dim=-1, descending=True, stable=stable)
     ranks = torch.empty_like(order)
     ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return ranks < counts[:, None]
+    chosen = ranks < counts[:, None]
+    return chosen if allowed is None else chosen & allowed
 
 
 def suppress(logits: torch.Tensor, token_ids) -> torch.Tensor:

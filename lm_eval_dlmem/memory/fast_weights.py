@@ -256,9 +256,15 @@ class FastWeightMemory(Memory):
     def begin(self, backbone, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
         """Install fast weights for the rows and run the inner loop on their prompts. Inside
         `adapt_once()`, a row whose (seed, prompt) an earlier `begin` of the scope adapted reuses
-        those weights, and only the other rows run the inner loop."""
+        those weights, and only the other rows run the inner loop.
+
+        The memory works on the backbone it was built for (`self.backbone`, whose modules hold the
+        fast weights); the session's `backbone` is only checked to be that one (or share its model).
+        """
+        if backbone is not self.backbone and backbone.model is not self.backbone.model:
+            raise ValueError("FastWeightMemory.begin got a different backbone than the one it was built for.")
         if self._kept is None or self.config.inner_steps == 0:
-            return self._adapt_rows(backbone, input_ids, attention_mask, prompt_mask, seeds)
+            return self._adapt_rows(input_ids, attention_mask, prompt_mask, seeds)
         seeds = list(seeds) if seeds is not None else [0] * input_ids.shape[0]
         keys = self._row_keys(input_ids, attention_mask, prompt_mask, seeds)
         new_rows = [keys.index(k) for k in dict.fromkeys(keys) if k not in self._kept]  # first row per key
@@ -266,7 +272,7 @@ class FastWeightMemory(Memory):
         if new_rows:
             rows = torch.tensor(new_rows, device=input_ids.device)
             pick = (lambda t: None if t is None else t.index_select(0, rows.to(t.device)))
-            self._adapt_rows(backbone, input_ids[rows], pick(attention_mask), prompt_mask[rows],
+            self._adapt_rows(input_ids[rows], pick(attention_mask), prompt_mask[rows],
                              [seeds[i] for i in new_rows])
             fresh = {keys[i]: [(l.fast_A[j], l.fast_B[j]) for l in self.layers] for j, i in enumerate(new_rows)}
         kept = {k: fresh[k] if k in fresh else self._kept[k] for k in keys}
@@ -294,13 +300,11 @@ class FastWeightMemory(Memory):
         prompt = prompt_mask.bool() if attention_mask is None else prompt_mask.bool() & attention_mask.bool()
         return [(int(s), tuple(ids[m].tolist())) for s, ids, m in zip(seeds, input_ids, prompt)]
 
-    def _adapt_rows(self, backbone, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
+    def _adapt_rows(self, input_ids, attention_mask, prompt_mask, seeds=None) -> None:
         self.end()
         if self.config.inner_steps == 0:
             return
         self.adaptations += input_ids.shape[0]
-        if backbone is not self.backbone and backbone.model is not self.backbone.model:
-            raise ValueError("FastWeightMemory.begin got a different backbone than the one it was built for.")
         # The harness decodes under inference_mode; the inner loop needs autograd, so it leaves
         # it and works on ordinary copies of the inputs.
         with torch.inference_mode(False), torch.enable_grad():

@@ -1,11 +1,13 @@
-"""Pieces every training script shares: the warmup-cosine schedule and finding the checkpoint to
-resume from (`state.load_trainer_state` reads it back)."""
+"""Pieces every training script shares: the warmup-cosine schedule, finding the checkpoint to
+resume from (`state.restore_trainer_state` reads it back) and `TrainerSetup`, what a trainer's
+`setup` hands its loop."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -42,3 +44,18 @@ def find_resume(spec: str | None, output_dir: str) -> str | None:
     steps = [int(m.group(1)) for d in (os.listdir(output_dir) if os.path.isdir(output_dir) else [])
              if (m := re.fullmatch(r"checkpoint-(\d+)", d))]
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
+
+
+@dataclass
+class TrainerSetup:
+    """What a trainer's `setup` hands its loop; each trainer adds its own fields (keyword-only).
+
+    model: what the loop calls (accelerate-prepared where the trainer runs under accelerate).
+    step: the first step to run: 0, or the step of the checkpoint resumed from (`resume`).
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    step: int = 0
+    resume: str | None = None

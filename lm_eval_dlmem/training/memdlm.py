@@ -38,8 +38,19 @@ from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
 from .common import find_resume
 from .nll import static_nll
-from .state import STATE_NAME, load_trainer_state
+from .state import restore_trainer_state, save_trainer_state
 CONFIG_NAME = "memdlm_training.json"
+
+
+def add_fast_weight_args(p: argparse.ArgumentParser) -> None:
+    """--inner-lr / --inner-rank / --inner-alpha / --inner-layer-fraction with `MemDLMConfig`'s
+    defaults (this trainer and the exposure-bias analysis)."""
+    d = MemDLMConfig()
+    p.add_argument("--inner-lr", type=float, default=d.inner_lr, help="inner SGD learning rate")
+    p.add_argument("--inner-rank", type=int, default=d.inner_rank, help="fast LoRA rank")
+    p.add_argument("--inner-alpha", type=float, default=d.inner_alpha, help="fast LoRA alpha")
+    p.add_argument("--inner-layer-fraction", type=float, default=d.inner_layer_fraction,
+                   help="fraction of the last blocks with fast weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     # method
     p.add_argument("--baseline", action="store_true", help="standard MDLM SFT: no inner loop (the paper's Std baseline)")
     p.add_argument("--inner-steps", type=int, default=2, help="inner SGD steps (pre-anchor ... anchor)")
-    p.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD learning rate")
-    p.add_argument("--inner-rank", type=int, default=32, help="fast LoRA rank")
-    p.add_argument("--inner-alpha", type=float, default=64.0, help="fast LoRA alpha")
-    p.add_argument("--inner-layer-fraction", type=float, default=0.1, help="fraction of the last blocks with fast weights")
+    add_fast_weight_args(p)
     p.add_argument("--pre-anchor-scale", type=float, default=1.5, help="pre-anchor mask ratio / anchor mask ratio")
     p.add_argument("--inner-grad-clip", type=float, default=1.0, help="per-tensor gradient norm clip of the inner loop")
     p.add_argument("--inner-targets", choices=["released", "ffn"], default="released",
@@ -246,8 +254,7 @@ def save(path: str, backbone, optimizer=None, scheduler=None, step: int = 0, arg
         with open(os.path.join(path, CONFIG_NAME), "w") as f:
             json.dump({**vars(args), "step": step}, f, indent=2)
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-                   os.path.join(path, STATE_NAME))
+        save_trainer_state(path, optimizer, scheduler, step)
 
 
 def restore(path: str, backbone, optimizer, scheduler) -> int:
@@ -255,10 +262,7 @@ def restore(path: str, backbone, optimizer, scheduler) -> int:
     from safetensors.torch import load_file
 
     set_peft_model_state_dict(backbone.model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    state = load_trainer_state(path)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return restore_trainer_state(path, optimizer, scheduler)
 
 
 class Run:

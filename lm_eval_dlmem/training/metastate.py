@@ -37,11 +37,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import cosine_schedule, find_resume
+from .common import TrainerSetup, cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
 from ..decoding.forward import forward_step
+from ..decoding.strategies import rank_mask
 from ..memory.base import NoMemory
-from .state import load_trainer_state
+from .state import restore_trainer_state, save_trainer_state
 
 
 @dataclass
@@ -86,13 +87,6 @@ def masked_count(resp_len: torch.Tensor, step, total: int) -> torch.Tensor:
     return torch.div(resp_len * (total - step) + total - 1, total, rounding_mode="floor")
 
 
-def first_k(scores: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the k[b] allowed positions with the highest score: bool [B, L]."""
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    ranks = scores.argsort(dim=1, descending=True).argsort(dim=1)
-    return allowed & (ranks < k[:, None])
-
-
 def response_mask(batch: dict, cfg: UnrollConfig):
     """(attention mask, response mask) [B, L]: what is attended, what is masked and predicted."""
     attn = batch["attention_mask"]
@@ -118,7 +112,7 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
     resp_len = resp.sum(1)
     s0 = torch.randint(0, T - K + 1, (B,), generator=generator).to(x0.device)
     noise = torch.rand(B, L, generator=generator).to(x0.device)
-    masked = first_k(noise, resp, masked_count(resp_len, s0, T))
+    masked = rank_mask(noise, masked_count(resp_len, s0, T), allowed=resp, stable=False)
     x = torch.where(masked, backbone.spec.mask_id, x0)
     a = int(resp.float().argmax(1).min())  # logits only from the earliest response position
     losses = []
@@ -132,7 +126,7 @@ def unrolled_loss(backbone, memory, batch: dict, cfg: UnrollConfig, generator: t
             with torch.no_grad():  # the backbone's own low-confidence unmasking
                 conf, pred = logits.detach().float().softmax(-1).max(-1)
                 n = masked_count(resp_len, s0 + k, T) - masked_count(resp_len, s0 + k + 1, T)
-                commit = F.pad(first_k(conf, m, n), (a, 0), value=False)
+                commit = F.pad(rank_mask(conf, n, allowed=m, stable=False), (a, 0), value=False)
                 x = torch.where(commit, F.pad(pred, (a, 0)), x)
                 masked = masked & ~commit
     per_step = torch.stack(losses) if losses else x0.new_zeros(1, dtype=torch.float32, requires_grad=True)
@@ -356,11 +350,20 @@ def make_optimizer(module, args):
 
 def save_checkpoint(path, metastate, optimizer, scheduler, step, args) -> None:
     metastate.save_pretrained(path)
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step, "args": vars(args)}
-    torch.save(state, os.path.join(path, "trainer_state.pt"))
+    save_trainer_state(path, optimizer, scheduler, step, args)
 
 
-def setup(args):
+@dataclass(kw_only=True)
+class MetaStateSetup(TrainerSetup):
+    """`TrainerSetup` (model: the accelerate-prepared `UnrolledDenoiser`) plus the accelerator,
+    the frozen backbone and the MetaState being trained."""
+
+    accelerator: object
+    backbone: object
+    metastate: object
+
+
+def setup(args) -> MetaStateSetup:
     """Accelerator, frozen backbone, MetaState, optimizer, schedule (and the resumed step)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
@@ -390,23 +393,22 @@ def setup(args):
     resume = find_resume(args.resume, args.output_dir)
     if resume:
         ms.load_state_dict(MetaState.from_pretrained(resume).state_dict())
-        state = load_trainer_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
+        step = restore_trainer_state(resume, optimizer, scheduler)
     if args.gradient_checkpointing:
         from .checkpointing import check_checkpointing, checkpoint_blocks
 
         check_checkpointing(unroll_config(args).decode)
         checkpoint_blocks(backbone)
     model, optimizer = acc.prepare(UnrolledDenoiser(ms, backbone, unroll_config(args)), optimizer)
-    return acc, backbone, ms, model, optimizer, scheduler, step, resume
+    return MetaStateSetup(model, optimizer, scheduler, step, resume, accelerator=acc, backbone=backbone, metastate=ms)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     ucfg = unroll_config(args)
-    acc, backbone, ms, model, optimizer, scheduler, step, resume = setup(args)
+    run = setup(args)
+    acc, backbone, ms, model = run.accelerator, run.backbone, run.metastate, run.model
+    optimizer, scheduler, step, resume = run.optimizer, run.scheduler, run.step, run.resume
     train, held_out = load_examples(args, backbone.tokenizer)
     train, held_out = fitting(train, ucfg, "training"), fitting(held_out, ucfg, "held-out")
     pad_id = backbone.spec.eos_id  # EOS padding, as the generation region is filled at inference

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..decoding.forward import forward_step
 from ..decoding.seeds import ratio_seed, row_seeds
+from ..decoding.strategies import topk_rows
 from ..memory.base import NoMemory
 
 
@@ -113,13 +114,8 @@ def sequential_nll(backbone, batch: dict, ratios, *, memory=None, seed: int = 0,
 
 
 def _commit(canvas, logits, masked, n, next_ratio: float) -> torch.Tensor:
-    probs = logits.float().softmax(-1)
-    confidence, pred = probs.max(-1)
-    confidence = confidence.masked_fill(~masked, -1.0)
-    canvas = canvas.clone()
-    for i in range(canvas.shape[0]):
-        reveal = int(masked[i].sum()) - int(int(n[i]) * next_ratio)
-        if reveal > 0:
-            top = confidence[i].topk(reveal).indices
-            canvas[i, top] = pred[i, top]
-    return canvas
+    """The canvas with its most confident masked predictions committed (`topk_rows`), leaving
+    int(n * next_ratio) of each row's n response tokens masked."""
+    confidence, pred = logits.float().softmax(-1).max(-1)
+    reveal = [int(m) - int(int(total) * next_ratio) for m, total in zip(masked.sum(1).tolist(), n.tolist())]
+    return torch.where(topk_rows(confidence.masked_fill(~masked, -1.0), reveal), pred, canvas)

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import cosine_schedule, find_resume
+from .common import TrainerSetup, cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
-from .state import load_trainer_state
+from .state import restore_trainer_state, save_trainer_state
 
 MODES = ("pretrain", "sft", "mixed")
 
@@ -291,12 +291,18 @@ def save(path: str, model, tokenizer, optimizer=None, scheduler=None, step: int 
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                    "args": vars(args)}, os.path.join(path, "trainer_state.pt"))
+        save_trainer_state(path, optimizer, scheduler, step, args)
 
 
-def setup(args):
-    """(model, tokenizer, optimizer, scheduler, start step)."""
+@dataclass(kw_only=True)
+class PretrainSetup(TrainerSetup):
+    """`TrainerSetup` plus the tokenizer the model was built with."""
+
+    tokenizer: object
+
+
+def setup(args) -> PretrainSetup:
+    """The model (new, `--init-from`, or resumed), its tokenizer, optimizer and schedule."""
     if args.threads:
         torch.set_num_threads(args.threads)
     resume = find_resume(args.resume, args.output_dir)
@@ -315,13 +321,8 @@ def setup(args):
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
-    step = 0
-    if resume:
-        state = load_trainer_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-    return model, tokenizer, optimizer, scheduler, step
+    step = restore_trainer_state(resume, optimizer, scheduler) if resume else 0
+    return PretrainSetup(model, optimizer, scheduler, step, resume, tokenizer=tokenizer)
 
 
 def train_step(model, optimizer, scheduler, batch, cfg, mask_id, step, args, forward=None) -> float:
@@ -344,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     cfg = MaskConfig(args.mode, args.eps, args.pretrain_fraction)
-    model, tokenizer, optimizer, scheduler, step = setup(args)
+    run = setup(args)
+    model, tokenizer, optimizer, scheduler, step = run.model, run.tokenizer, run.optimizer, run.scheduler, run.step
     spec = LLADA.resolve(tokenizer)
     batches, evals = make_data(args, tokenizer, spec.eos_id)
     os.makedirs(args.output_dir, exist_ok=True)

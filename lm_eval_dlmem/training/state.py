@@ -28,3 +28,21 @@ def load_trainer_state(checkpoint: str) -> dict:
             f"run code; torch said: {first}). Resume from a checkpoint written by lm-eval-dlmem train, or "
             "start over without --resume."
         ) from None
+
+
+def save_trainer_state(checkpoint: str, optimizer, scheduler, step: int, args=None) -> None:
+    """Write `trainer_state.pt`: the optimizer and scheduler state dicts, the step and (when
+    given) the run's args, all of which `load_trainer_state` reads back weights-only."""
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step}
+    if args is not None:
+        state["args"] = vars(args)
+    torch.save(state, os.path.join(checkpoint, STATE_NAME))
+
+
+def restore_trainer_state(checkpoint: str, optimizer, scheduler) -> int:
+    """Load a checkpoint's optimizer and scheduler state (weights-only) into `optimizer` /
+    `scheduler`; returns the step to continue from."""
+    state = load_trainer_state(checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"])

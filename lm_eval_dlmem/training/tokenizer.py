@@ -29,7 +29,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_leng
         `PreTrainedTokenizerFast` with bos/eos/pad/mask set, LLaDA's chat template, left padding.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 512:
         raise ValueError(f"vocab_size={vocab_size} is too small: 256 byte symbols + specials need >= 512.")
@@ -44,17 +43,25 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048, model_max_leng
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    return fast_tokenizer(tok, LLADA, LLADA_SPECIALS, model_max_length=model_max_length)
+
+
+def fast_tokenizer(tok, spec, specials, **kwargs):
+    """A trained `tokenizers.Tokenizer` as the family's transformers fast tokenizer: its BOS / EOS /
+    mask tokens (EOS also pads), the other `specials` as additional special tokens, its chat
+    template, left padding (the decoder's prompt layout). `kwargs` go to `PreTrainedTokenizerFast`."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        bos_token=LLADA.bos_token,
-        eos_token=LLADA.eos_token,
-        pad_token=LLADA.eos_token,
-        mask_token=LLADA.mask_token,
-        additional_special_tokens=[t for t in LLADA_SPECIALS
-                                   if t not in (LLADA.bos_token, LLADA.eos_token, LLADA.mask_token)],
+        bos_token=spec.bos_token,
+        eos_token=spec.eos_token,
+        pad_token=spec.eos_token,
+        mask_token=spec.mask_token,
+        additional_special_tokens=[t for t in specials if t not in (spec.bos_token, spec.eos_token, spec.mask_token)],
         clean_up_tokenization_spaces=False,
-        model_max_length=model_max_length,
+        **kwargs,
     )
-    fast.chat_template = LLADA.chat_template
+    fast.chat_template = spec.chat_template
     fast.padding_side = "left"
     return fast

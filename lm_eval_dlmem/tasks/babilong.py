@@ -46,8 +46,11 @@ from .text import prose_sentences
 
 log = logging.getLogger(__name__)
 
-LENGTHS = {"0k": 0, "1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000}
+# "512" (tokens, for smoke-testing small models) is the shortest length with room for filler: the
+# instructions and examples of qa1-qa5 alone are 170-330 tokens of the tiny default's tokenizer.
+LENGTHS = {"0k": 0, "512": 512, "1k": 1000, "2k": 2000, "4k": 4000, "8k": 8000, "16k": 16000, "32k": 32000}
 HUB_DATASETS = ("RMT-team/babilong", "RMT-team/babilong-1k-samples")
+GENERATED_ONLY = ("512",)  # lengths the hub sets do not have: always generated
 MAX_NEW_TOKENS = 20
 DEFAULT_NUM_SAMPLES = 100
 FILLER_POOL = 20000  # filler starts at a random one of this many prose sentences
@@ -291,7 +294,7 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
 
     Args:
         babilong_task: "qa1".."qa5".
-        babilong_length: "0k", "1k", "2k", "4k", "8k", "16k" or "32k".
+        babilong_length: "0k", "512", "1k", "2k", "4k", "8k", "16k" or "32k".
         **meta: the run's metadata; see the module docstring for the knobs.
     """
     key_request_cache_by_metadata()
@@ -303,6 +306,11 @@ def load(babilong_task: str, babilong_length: str, **meta) -> dict:
     if source not in ("auto", "hub", "generate"):
         raise ValueError(f"--metadata babilong_source={source!r}; choose auto, hub or generate.")
     dataset = str(option(meta, "babilong_dataset", default=HUB_DATASETS[0]))
+    if babilong_length in GENERATED_ONLY:
+        if source == "hub":
+            raise ValueError(f"babilong_length={babilong_length!r} has no hub data ({dataset} starts at 0k, 1k); "
+                             "use --metadata babilong_source=generate (or auto).")
+        source = "generate"
     if source == "hub" or (source == "auto" and not hub_known_unreachable(dataset)):
         try:
             return {"test": _from_hub(babilong_task, babilong_length, dataset)}

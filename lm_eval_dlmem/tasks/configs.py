@@ -15,7 +15,7 @@ import sys
 
 import yaml
 
-from . import babilong, longbench, ruler
+from . import babilong, choices, longbench, ruler
 
 VERSION = 1.0
 PKG = "lm_eval_dlmem.tasks"
@@ -83,18 +83,21 @@ def ruler_task_name(task: str, length: str) -> str:
 def ruler_files() -> dict[str, dict]:
     files = {"ruler/_ruler_common_yaml": RULER_COMMON}
     for length, tokens in ruler.LENGTHS.items():
-        for task in ruler.TASKS:
+        for task in ruler.tasks_at(length):
             metric = ruler.METRIC[task]
             files[f"ruler/{length}/{ruler_task_name(task, length)}.yaml"] = {
                 "include": "../_ruler_common_yaml", "task": ruler_task_name(task, length),
                 "dataset_kwargs": {"ruler_task": task, "ruler_length": tokens},
                 "process_results": Function(f"{PKG}.ruler.{'score_part' if metric.endswith('part') else 'score_all'}"),
                 "metric_list": [_metric("score"), _metric(metric)],
-                "generation_kwargs": {**GREEDY, "max_gen_toks": ruler.TOKENS_TO_GENERATE[task], "until": []},
+                "generation_kwargs": {**GREEDY, "max_gen_toks": ruler.tokens_to_generate(task, tokens), "until": []},
             }
         for kind, tasks in RULER_GROUPS.items():
+            members = [t for t in tasks if t in ruler.tasks_at(length)]
+            if kind not in ("", "niah") and members != tasks:
+                continue  # below 1k: only `dlmem_ruler_<len>` and `dlmem_ruler_niah_<len>`, of the needle tasks there
             name = f"dlmem_ruler_{kind + '_' if kind else ''}{length}"
-            files[f"ruler/{length}/_{name}.yaml"] = _group(name, [ruler_task_name(t, length) for t in tasks])
+            files[f"ruler/{length}/_{name}.yaml"] = _group(name, [ruler_task_name(t, length) for t in members])
     return files
 
 
@@ -125,6 +128,40 @@ def babilong_files() -> dict[str, dict]:
             }
         name = f"dlmem_babilong_{length}"
         files[f"babilong/{length}/_{name}.yaml"] = _group(name, [babilong_task_name(t, length) for t in babilong.TASKS])
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-likelihood variants (tasks/choices.py): the same documents, candidate answers scored
+# ---------------------------------------------------------------------------------------------
+
+MC_COMMON = {
+    "class": TASK_CLASS, "dataset_path": "", "test_split": "test", "output_type": "multiple_choice",
+    "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": "", "num_fewshot": 0,
+    "process_results": Function(f"{PKG}.choices.score"),
+    "metric_list": [_metric("acc"), _metric("answer_ll")], "metadata": {"version": VERSION},
+}
+
+
+def mc_files() -> dict[str, dict]:
+    """`dlmem_ruler_<needle task>_<len>_mc` and `dlmem_babilong_<task>_<len>_mc` at every length."""
+    files = {
+        "ruler/_ruler_mc_common_yaml": {**MC_COMMON, "custom_dataset": Function(f"{PKG}.choices.load_ruler"),
+                                        "doc_to_text": "context"},
+        "babilong/_babilong_mc_common_yaml": {**MC_COMMON, "custom_dataset": Function(f"{PKG}.choices.load_babilong"),
+                                              "doc_to_text": "prompt"},
+    }
+    for length, tokens in ruler.LENGTHS.items():
+        for task in (t for t in ruler.tasks_at(length) if t in choices.niah.NIAH_TASKS):
+            name = ruler_task_name(task, length) + "_mc"
+            files[f"ruler/{length}/{name}.yaml"] = {"include": "../_ruler_mc_common_yaml", "task": name,
+                                                    "dataset_kwargs": {"ruler_task": task, "ruler_length": tokens}}
+    for length in babilong.LENGTHS:
+        for task in babilong.TASKS:
+            name = babilong_task_name(task, length) + "_mc"
+            files[f"babilong/{length}/{name}.yaml"] = {
+                "include": "../_babilong_mc_common_yaml", "task": name,
+                "dataset_kwargs": {"babilong_task": task, "babilong_length": length}}
     return files
 
 
@@ -213,7 +250,7 @@ def paper_files() -> dict[str, dict]:
 
 def all_files() -> dict[str, str]:
     """Relative path under `tasks/` -> YAML text, for every file this module owns."""
-    files = {**ruler_files(), **babilong_files(), **longbench_files(), **paper_files()}
+    files = {**ruler_files(), **babilong_files(), **mc_files(), **longbench_files(), **paper_files()}
     header = "# Written by `python -m lm_eval_dlmem.tasks.configs`; edit the tables there, not this file.\n"
     return {path: header + _yaml(cfg) for path, cfg in files.items()}
 

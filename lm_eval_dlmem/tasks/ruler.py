@@ -45,10 +45,33 @@ from .metrics import string_match_all, string_match_part
 log = logging.getLogger(__name__)
 
 TASKS = (*niah.NIAH_TASKS, "vt", "cwe", "fwe", "qa_squad", "qa_hotpot")
-LENGTHS = {"1k": 1024, "2k": 2048, "4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768}
+LENGTHS = {"256": 256, "512": 512, "1k": 1024, "2k": 2048, "4k": 4096, "8k": 8192, "16k": 16384, "32k": 32768}
+# Below 1k only the needle tasks are registered: vt's in-context example alone is ~500 tokens
+# (upstream builds it at 500), cwe's 10 x 30 words and 120-token budget do not fit either, and QA
+# documents are longer than the whole context. niah_multikey_3's smallest haystack of UUID needles
+# is ~310 tokens, so it starts at 512.
+SHORT_TASKS = tuple(niah.NIAH_TASKS)
+SHORT_MIN_LENGTH = {"niah_multikey_3": 512}
 TOKENS_TO_GENERATE = {**{t: niah.TOKENS_TO_GENERATE for t in niah.NIAH_TASKS},
                       "vt": 30, "cwe": 120, "fwe": 50, "qa_squad": qa.TOKENS_TO_GENERATE,
                       "qa_hotpot": qa.TOKENS_TO_GENERATE}
+# Short contexts shrink the generation budget to an eighth of the length (32 tokens at 256, 64 at
+# 512): a 7-digit needle is a few tokens, and upstream's 128 would leave half of 256 for the prompt.
+# At 1k and above min() keeps upstream's budgets unchanged.
+GEN_BUDGET_FRACTION = 8
+
+
+def tokens_to_generate(task: str, length: int) -> int:
+    """The generation budget of `task` at `length` tokens: upstream's, capped at length / 8."""
+    return min(TOKENS_TO_GENERATE[task], length // GEN_BUDGET_FRACTION)
+
+
+def tasks_at(length_name: str) -> tuple[str, ...]:
+    """The RULER tasks registered at one of `LENGTHS` (every task from 1k on, NIAH below)."""
+    tokens = LENGTHS[length_name]
+    return TASKS if tokens >= 1024 else tuple(t for t in SHORT_TASKS if SHORT_MIN_LENGTH.get(t, 0) <= tokens)
+
+
 METRIC = {t: ("string_match_part" if t.startswith("qa_") else "string_match_all") for t in TASKS}
 DEFAULT_NUM_SAMPLES = 500
 VT_EXAMPLE_LENGTH = 500  # upstream builds the vt example at max_seq_length=500
@@ -157,7 +180,8 @@ def _refit(gen: Generator, i: int, rng_for, count: TokenCounter, budget: int, sl
 def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list[dict]:
     """All samples of `task` at `length` tokens (prompt + generation budget <= length)."""
     gen = _generator(task, length, opts, count)
-    budget = length - TOKENS_TO_GENERATE[task] - opts.template_tokens
+    reserve = tokens_to_generate(task, length)
+    budget = length - reserve - opts.template_tokens
     rng_for = lambda i: sample_rng(opts.seed, task, length, i)  # noqa: E731
     text = lambda i, n: "".join(gen.make(rng_for(i), n, i)[:2])  # noqa: E731
     units = _search_units(lambda n: count(text(0, n)), budget, gen.min_units(0), gen.max_units)
@@ -168,7 +192,7 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
         units = gen.min_units(0)
         log.warning("RULER %s: even the smallest haystack needs %d prompt tokens + %d to generate, more than the "
                     "%d-token target; its samples are longer than the target.", task, count(text(0, units)),
-                    TOKENS_TO_GENERATE[task], length)
+                    reserve, length)
     lo = gen.min_units(0)
     unit_tokens = (count(text(0, units)) - count(text(0, lo))) / (units - lo) if units > lo else 0.0
     slack = max(FIT_TOLERANCE * budget, unit_tokens)
@@ -184,7 +208,7 @@ def generate(task: str, length: int, opts: Options, count: TokenCounter) -> list
                 skipped.append(i)
                 continue
             rows.append({"index": i, "input": draft[0], "gen_prefix": draft[1], "outputs": list(draft[2]),
-                         "target": ", ".join(draft[2]), "length": size + TOKENS_TO_GENERATE[task],
+                         "target": ", ".join(draft[2]), "length": size + reserve,
                          "max_length": length, "haystack": gen.haystack})
     if skipped:
         # e.g. cwe with a small-vocabulary tokenizer: even the fewest words overflow some samples

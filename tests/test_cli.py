@@ -43,14 +43,20 @@ def load_results(out_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_cli_batch_size_invariance(model, tiny_ckpts, tmp_path):
-    args = f"pretrained={tiny_ckpts[MODELS[model]]},mc_num=8,mc_batch_size=8,block_length=8"
+    assert_batch_1_equals_4(model, f"pretrained={tiny_ckpts[MODELS[model]]},mc_num=8,mc_batch_size=8,block_length=8",
+                            tmp_path, model)
+
+
+def assert_batch_1_equals_4(model: str, args: str, tmp_path, label: str) -> None:
+    """`lm_eval --model MODEL` on the generate (t_gen) and multiple-choice (t_mc) test tasks at
+    batch size 1 and 4: identical logged samples, a results table, an accuracy in [0, 1]."""
     proc = run_lm_eval(model, args, tmp_path / "bs1", 1)
     run_lm_eval(model, args, tmp_path / "bs4", 4)
     assert "t_gen" in proc.stdout and "t_mc" in proc.stdout  # lm-eval's results table
     for task in ("t_gen", "t_mc"):
         one, four = load_samples(tmp_path / "bs1", task), load_samples(tmp_path / "bs4", task)
         assert len(one) == 6
-        assert one == four, f"{model} {task}: batch size changed the outputs"
+        assert one == four, f"{label} {task}: batch size changed the outputs"
     res = load_results(tmp_path / "bs1")
     assert 0.0 <= res["t_mc"]["acc,none"] <= 1.0
 
@@ -101,12 +107,4 @@ def test_cli_memdlm_llada2_batch_size_invariance(variant, llada2_ckpt, tmp_path)
     extra = LLADA2_VARIANTS[variant]
     extra = extra(llada2_ckpt, tmp_path) if callable(extra) else extra
     args = ",".join(a for a in (f"pretrained={llada2_ckpt},mc_num=4,mc_batch_size=4,block_length=4", extra) if a)
-    proc = run_lm_eval("memdlm-llada2", args, tmp_path / "bs1", 1)
-    run_lm_eval("memdlm-llada2", args, tmp_path / "bs4", 4)
-    assert "t_gen" in proc.stdout and "t_mc" in proc.stdout
-    for task in ("t_gen", "t_mc"):
-        one, four = load_samples(tmp_path / "bs1", task), load_samples(tmp_path / "bs4", task)
-        assert len(one) == 6
-        assert one == four, f"memdlm-llada2 {variant} {task}: batch size changed the outputs"
-    res = load_results(tmp_path / "bs1")
-    assert 0.0 <= res["t_mc"]["acc,none"] <= 1.0
+    assert_batch_1_equals_4("memdlm-llada2", args, tmp_path, f"memdlm-llada2 {variant}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -284,12 +285,19 @@ class DlmLM(TemplateLM):
     # ---- batch size ----------------------------------------------------------------------------
     def _batch_n(self) -> int:
         bs = str(self._batch_size)
-        if bs.startswith("auto"):
-            return int(self.args.max_batch_size or 64)
-        n = int(float(bs))
-        if n <= 0:
+        if not bs.startswith("auto") and int(float(bs)) <= 0:
             raise ValueError(f"batch_size={bs} must be a positive integer or 'auto'.")
-        return n
+        if getattr(self, "_planned_batch", None) is None:
+            from .memory_plan import harness_batch
+
+            self._planned_batch, line = harness_batch(self.backbone, self.memory, self.args, self.max_length,
+                                                      self.device, self.args.pretrained)
+            if self.rank == 0:
+                print(line, file=sys.stderr)
+        if not bs.startswith("auto"):
+            return self._planned_batch
+        # batch_size=auto: the memory plan's batch, lowered for good by the out-of-memory backoff
+        return min(self._planned_batch, self.args.max_batch_size or self._planned_batch)
 
     def _run_with_backoff(self, fn, chunk):
         """batch_size=auto: on out-of-memory, halve the batch and retry (remembered for later)."""

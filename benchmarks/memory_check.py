@@ -91,7 +91,6 @@ def build_memory(kind: str, backbone):
 def run_case(case: dict) -> dict:
     """One measurement in this (fresh) process."""
     from lm_eval_dlmem import DecodeConfig, load_backbone
-    from lm_eval_dlmem import memory_plan as mp_
     from lm_eval_dlmem.decoding.engine import generate
     from lm_eval_dlmem.decoding.likelihood import loglikelihood
 
@@ -107,9 +106,6 @@ def run_case(case: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     B, P, G = case["batch"], case["prompt"], case["gen"]
     ids = torch.randint(10, bb.config.vocab_size - 64, (B, P), generator=g)
-    shape = mp_.Shape.from_config(bb.config.to_dict(), bb.family)
-    run = mp_.RunPlan(precision=case["dtype"], prompt=P, gen_length=G, block_length=32, cache=case["cache"],
-                      cfg=case["cfg"], mc_batch_size=B, memory=mp_.MemoryCost.of(memory))
     base = rss("VmRSS")
     reset_peak()
     with torch.inference_mode() if case["memory"] != "memdlm" else torch.no_grad():
@@ -117,14 +113,38 @@ def run_case(case: dict) -> dict:
             config = DecodeConfig(gen_length=G, block_length=32, steps=G // 16, cache=case["cache"],
                                   cfg_scale=1.0 if case["cfg"] else 0.0, stop_early=False)
             generate(bb, ids, None, config, memory)
-            predicted = mp_.WORKSPACE + B * mp_.decode_row_bytes(shape, run)
         else:
             requests = [(ids[0, :P].tolist(), ids[0, :G].tolist())]
             loglikelihood(bb, requests, mc_num=B, batch_size=B, stratum=B)
-            predicted = mp_.WORKSPACE + B * mp_.likelihood_row_bytes(shape, run)
     measured = rss("VmHWM") - base
-    return dict(case, weights_measured=loaded - before_load, weights_predicted=mp_.resident_bytes(shape, run),
-                measured=measured, predicted=predicted, ratio=predicted / measured)
+    return dict(case, weights_measured=loaded - before_load, measured=measured, **predict(case, bb, memory))
+
+
+def predict(case: dict, bb, memory) -> dict:
+    """The memory model's bytes for `case`: resident and what the batch adds."""
+    from lm_eval_dlmem import memory_plan as mp_
+
+    shape = mp_.Shape.from_config(bb.config.to_dict(), bb.family)
+    run = mp_.RunPlan(precision=case["dtype"], prompt=case["prompt"], gen_length=case["gen"], block_length=32,
+                      cache=case["cache"], cfg=case["cfg"], mc_batch_size=case["batch"],
+                      memory=mp_.MemoryCost.of(memory))
+    row = mp_.decode_row_bytes if case["mode"] == "decode" else mp_.likelihood_row_bytes
+    return dict(weights_predicted=mp_.resident_bytes(shape, run),
+                predicted=mp_.WORKSPACE + case["batch"] * row(shape, run))
+
+
+def repredict(rows: list[dict]) -> list[dict]:
+    """Recompute the predictions of saved measurements (after a change to the model)."""
+    from lm_eval_dlmem import load_backbone
+
+    with tempfile.TemporaryDirectory() as root:
+        paths = make_models(sorted({r["model"] for r in rows}), root)
+        out = []
+        for r in rows:
+            bb = load_backbone(paths[r["model"]], dtype=r["dtype"])
+            r = dict(r, **predict(r, bb, build_memory(r["memory"], bb)))
+            out.append(dict(r, ratio=r["predicted"] / r["measured"]))
+        return out
 
 
 def make_models(names, root: str) -> dict:
@@ -148,7 +168,7 @@ def measure(cases, dtype: str = "float32", workers: int = 2) -> list[dict]:
         # a fresh process per case (max_tasks_per_child): each peak is its own
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
             rows = list(pool.map(run_case, jobs))
-        return rows
+        return [dict(r, ratio=r["predicted"] / r["measured"]) for r in rows]
 
 
 def markdown(rows: list[dict]) -> str:
@@ -164,10 +184,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two small cases only")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--repredict", help="a results .json: recompute its predictions, measure nothing")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "memory_check"),
                    help="results prefix (.json and .md are written)")
     args = p.parse_args(argv)
-    rows = measure(QUICK_CASES if args.quick else FULL_CASES, args.dtype)
+    if args.repredict:
+        with open(args.repredict) as f:
+            rows = repredict(json.load(f))
+    else:
+        rows = measure(QUICK_CASES if args.quick else FULL_CASES, args.dtype)
     table = markdown(rows)
     print(table)
     if not args.quick:

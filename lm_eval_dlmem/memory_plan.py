@@ -41,8 +41,8 @@ WORKSPACE = 8 * 2 ** 20
 # LM head at one decode step, bytes per logit on top of the logits themselves: the strategies'
 # float32 softmax and its confidences.
 HEAD_EXTRA_BYTES = 8
-# The likelihood upcasts the logits to float32 and takes a float32 log-softmax of them.
-LIKELIHOOD_HEAD_BYTES = 8
+# The likelihood's float32 log-softmax of the logits (plus their float32 copy below float32).
+LIKELIHOOD_HEAD_BYTES = 4
 # bitsandbytes NF4 with double quantisation (what `load_in_4bit` builds): 4 bits per weight, one
 # 8-bit absmax per 64 weights and one float32 absmax per 256 blocks of 64.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -279,9 +279,11 @@ def decode_row_bytes(shape: Shape, run: RunPlan) -> int:
     the two counts; the memory method's per-row state is held throughout."""
     L, rows = run.canvas, run.rows_per_request
     block = min(run.block_length, run.gen_length or 1)
-    step = max(layer_bytes(shape, L, run.precision), head_bytes(shape, block, run.precision))
-    if run.cache != "none":
-        step += cache_bytes(shape, L, run.precision)
+    layer = layer_bytes(shape, L, run.precision)
+    if run.cache != "none":  # the block's own keys/values are the ones the cache keeps
+        layer += cache_bytes(shape, L, run.precision) - LIVE_KV * L * shape.kv_heads * shape.head_dim * \
+            compute_bytes(run.precision)
+    step = max(layer, head_bytes(shape, block, run.precision))
     return max(rows * step, inner_loop_row_bytes(shape, run)) + rows * run.memory.per_row
 
 
@@ -306,7 +308,8 @@ def likelihood_row_bytes(shape: Shape, run: RunPlan) -> int:
     continuation (`gen_length` here), its peak inside a block or at the float32 logits and
     log-softmax over the continuation."""
     step = max(layer_bytes(shape, run.canvas, run.precision),
-               head_bytes(shape, max(1, run.gen_length), run.precision, extra=LIKELIHOOD_HEAD_BYTES))
+               head_bytes(shape, max(1, run.gen_length), run.precision,
+                          extra=LIKELIHOOD_HEAD_BYTES + (4 if compute_bytes(run.precision) < 4 else 0)))
     return run.rows_per_request * (step + run.memory.per_row)
 
 

@@ -1,19 +1,20 @@
 """Peak-memory model of a run: what a backbone, its cache, its activations and its memory method
 need at the worst moment of a decode or likelihood batch, from config.json alone.
 
-    peak = weights + batch_bytes(B)        batch_bytes(B) = B * per_row   (linear in B)
-    per_row = cache + forward transient (one layer's live tensors + the LM head's logits)
-              [+ MetaState state] [+ MemDLM fast weights and the inner loop's saved activations]
+    peak    = weights [+ MetaState parameters] + WORKSPACE + B * per_row        (linear in B)
+    per_row = max(R * max(block's live tensors + cache, LM head on the active block),
+                  MemDLM inner loop) + R * (MetaState state | MemDLM fast weights)
 
-Rows R = B, doubled under classifier-free guidance. Sizes: P prompt, G generation, L = P + G
-canvas, n block length, C hidden, F feed-forward width a token passes through (MoE: top-k
-experts plus the shared ones), H heads, Hkv key/value heads, D head dim, V vocabulary, N layers.
+R = 1 row per request, 2 under classifier-free guidance. Sizes: P prompt, G generation,
+L = P + G canvas, n block length, C hidden, F feed-forward width a token passes through (MoE:
+top-k experts plus the shared ones), H heads, Hkv key/value heads, D head dim, V vocabulary,
+N layers.
 
 The weights are exact (the model built on the meta device and its parameters counted); the
 per-row terms count the tensors the code keeps alive, with the live-tensor counts below checked
-against measured peaks (`benchmarks/memory_check.py`, benchmarks/README.md). `batch_size=auto`
-starts at `largest_batch(free memory)`; the harness keeps halving on out-of-memory as the
-safety net.
+against measured peaks (the H200 rows of benchmarks/results/gpu_check_h200.md within 2%,
+`benchmarks/memory_check.py` on CPU; benchmarks/README.md). `batch_size=auto` starts at
+`largest_batch(free memory)`; the harness keeps halving on out-of-memory as the safety net.
 """
 
 from __future__ import annotations

@@ -283,6 +283,9 @@ def main(argv=None) -> int:
                    help="results prefix (.json, .md); --dry-run writes nothing")
     p.add_argument("--load-only", action="store_true",
                    help="write, load and one forward only (an 8B bf16 forward takes minutes on 2 shared cores)")
+    p.add_argument("--beyond-ram", action="store_true",
+                   help="run shapes whose weights exceed the available RAM (they stay memory-mapped; a MoE "
+                        "touches only its routed experts)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: run this shape, print its JSON
     args = p.parse_args(argv)
     table = shapes(args.dry_run)
@@ -304,7 +307,7 @@ def main(argv=None) -> int:
             __import__("lm_eval_dlmem.backbones.spec", fromlist=["x"]).get_spec(family).official_config_dict(vocab, sizes),
             family), "bfloat16")
         subprocess.run(["free", "-g"])
-        if weights / GIB + 1.0 > available_gib():
+        if weights / GIB + 1.0 > available_gib() and not args.beyond_ram:
             results.append(dict(model=name, family=family, weight_bytes=weights,
                                 skipped=f"{weights / GIB:.1f} GiB of weights, {available_gib():.1f} GiB available"))
             continue

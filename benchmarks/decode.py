@@ -1,7 +1,9 @@
-"""Decode and likelihood throughput on a CPU-sized LLaDA-format model (~47M parameters, 32k vocab).
+"""Decode and likelihood throughput on a CPU-sized proxy of a released model (`proxies.py`).
 
-    python benchmarks/decode.py                   # the full run (under 10 minutes on 2 CPU cores)
-    python benchmarks/decode.py --quick           # a smoke run (small model, short canvas)
+    python benchmarks/decode.py                       # llada-8b proxy: trained, LLaDA-8B FLOP shares
+    python benchmarks/decode.py --proxy llada-moe     # LLaDA-MoE-7B-A1B proportions, random weights
+    python benchmarks/decode.py --proxy head-heavy    # the earlier 47M model: head 55% of the FLOPs
+    python benchmarks/decode.py --quick               # a smoke run (small model, short canvas)
 
 What runs (generation length 256, block 32, batch 1 and 8, the embedded demo task's prompts):
 
@@ -37,6 +39,7 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -45,7 +48,9 @@ import torch
 
 from lm_eval_dlmem.memory.base import MemoryWrapper
 
-MODEL = dict(vocab_size=32768, d_model=512, n_heads=8, n_kv_heads=8, n_layers=4, mlp_hidden_size=1536)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxies  # noqa: E402
+
 QUICK_MODEL = dict(vocab_size=32768, d_model=128, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=256)
 # MetaState at the paper's parameter budget for this backbone (~0.4% of its parameters); the
 # defaults (width 1280) are sized for LLaDA-8B and would be 65% of a 47M-parameter model.
@@ -259,12 +264,13 @@ def in_child(pool, fn, case):
 # ---- the run ------------------------------------------------------------------------------------
 
 def build_model(args) -> str:
+    """The proxy checkpoint (`proxies.py`); --quick: a small random LLaDA."""
     from lm_eval_dlmem import make_tiny_checkpoint
 
-    sizes = QUICK_MODEL if args.quick else MODEL
     path = os.path.join(args.workdir, "model")
-    make_tiny_checkpoint("llada", path, seed=0, init_std=args.init_std, **sizes)
-    return path
+    if args.quick:
+        return make_tiny_checkpoint("llada", path, seed=0, init_std=args.init_std, **QUICK_MODEL)
+    return proxies.build(args.proxy, path, init_std=args.init_std)
 
 
 def decode_cases(args, model) -> list[dict]:
@@ -303,12 +309,18 @@ def summarize(decode, agreement, likelihood, args) -> dict:
             rows[one]["batched_speedup"] = rows["ours, batched"]["req_per_s"] / rows[one]["req_per_s"]
         targets[f"likelihood batched >= 4x one at a time ({key[0]}, mc_num={key[1]}, vs official-style)"] = (
             rows["official-style, one at a time"]["batched_speedup"])
-    return dict(settings=vars(args), model=MODEL if not args.quick else QUICK_MODEL, decode=decode,
+    if ("dual+threshold", 8) in by:
+        targets["dual+threshold >= 8x reference at batch 8 (issue 17, llada-8b proxy)"] = by[("dual+threshold", 8)]["speedup"]
+    return dict(settings=vars(args), proxy=args.proxy if not args.quick else "quick", decode=decode,
                 agreement=agreement, likelihood=likelihood, targets=targets)
 
 
 def markdown(res: dict) -> str:
-    lines = ["| mode | batch | tokens/s | x reference | tokens per forward | peak RSS (MB) | over loaded model (MB) | timed |",
+    shares = res.get("flop_shares")
+    lines = [f"Proxy `{res['proxy']}`" + (f" (head {shares['head_share']:.1%} of the linear FLOPs, attention "
+                                          f"{shares['attention_vs_linear']:.1%} of them at 300 tokens)" if shares else "")
+             + f"; command: `python benchmarks/decode.py --proxy {res['proxy']}`", "",
+             "| mode | batch | tokens/s | x reference | tokens per forward | peak RSS (MB) | over loaded model (MB) | timed |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["decode"]:
         lines.append(f"| {r['mode']} | {r['batch']} | {r['tok_per_s']:.1f} | {r['speedup']:.2f} | "
@@ -338,11 +350,11 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path: str, table: str) -> None:
-    """Put the new table between the README's results heading and the next heading."""
+def update_readme(path: str, table: str, proxy: str) -> None:
+    """Put the new table between the README's results heading of `proxy` and the next heading."""
     with open(path) as f:
         text = f.read()
-    head = "### Results (CPU, 2 shared cores, one thread per case)\n"
+    head = f"### Results, {proxy} proxy (CPU, 2 shared cores, one thread per case)\n"
     if head not in text:
         return
     before, rest = text.split(head, 1)
@@ -355,7 +367,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="small model and canvas: a smoke run")
     p.add_argument("--threads", type=int, default=1, help="torch threads per case process")
-    p.add_argument("--init-std", type=float, default=0.6, help="weight init std of the random model")
+    p.add_argument("--proxy", choices=proxies.PROXIES, default="llada-8b",
+                   help="the model (benchmarks/proxies.py): llada-8b = trained, LLaDA-8B FLOP proportions")
+    p.add_argument("--init-std", type=float, default=0.6, help="weight init std of the random proxies")
     p.add_argument("--ref-steps", type=int, default=4, help="reference-style steps timed (each costs the same)")
     p.add_argument("--dual-blocks", type=int, default=2, help="cache=dual blocks timed (each costs the same)")
     p.add_argument("--mc-num", type=int, default=32, help="Monte Carlo samples of the likelihood comparison")
@@ -369,6 +383,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as workdir, ProcessPoolExecutor(1, spawn, max_tasks_per_child=1) as pool:
         args.workdir = workdir
         model = build_model(args)
+        shares = None if args.quick else proxies.flop_shares(model)
         decode = []
         for case in decode_cases(args, model):
             decode.append(in_child(pool, run_decode, case))
@@ -385,7 +400,8 @@ def main(argv=None) -> int:
     res["total_wall_s"] = time.perf_counter() - start
     del res["settings"]["workdir"]
     os.makedirs(args.out, exist_ok=True)
-    stem = "decode_quick" if args.quick else "decode"
+    res["flop_shares"] = shares
+    stem = "decode_quick" if args.quick else f"decode_{args.proxy}"
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
         json.dump(res, f, indent=1)
     table = markdown(res)
@@ -393,7 +409,7 @@ def main(argv=None) -> int:
         f.write(table)
     readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
     if not args.quick and os.path.isfile(readme):
-        update_readme(readme, table)
+        update_readme(readme, table, args.proxy)
     print("\n" + table + f"\ntotal wall time {res['total_wall_s']:.0f} s")
     return 0
 

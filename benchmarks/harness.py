@@ -8,6 +8,10 @@ must give the same answers; the script checks that and records it.
 
     python benchmarks/harness.py                       # ~3 minutes on 2 CPU cores
     python benchmarks/harness.py --limit 16 --tasks dlmem_demo_gen
+    python benchmarks/harness.py --proxy llada-8b --model_args cache=dual,threshold=0.9 --name harness_llada8b
+
+`--proxy` runs a proxy of `proxies.py` instead of `--pretrained` (llada-8b: the trained tiny-llada
+widened to LLaDA-8B's FLOP proportions, same tokenizer and answers).
 
 Writes benchmarks/results/NAME.{json,md} (`--name`, default harness).
 """
@@ -17,8 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import proxies  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -110,6 +119,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="metastate-llada")
     p.add_argument("--pretrained", default="tiny-llada")
+    p.add_argument("--proxy", choices=proxies.PROXIES, help="benchmark this proxy (benchmarks/proxies.py) instead")
     p.add_argument("--model_args", default="", help="extra model args, e.g. cache=dual,threshold=0.9")
     p.add_argument("--tasks", default=DEFAULT_TASKS)
     p.add_argument("--limit", type=int, default=32)
@@ -121,7 +131,12 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    runs = [run(int(bs), args) for bs in args.batch_sizes.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.proxy:
+            args.pretrained = proxies.build(args.proxy, os.path.join(tmp, args.proxy))
+        runs = [run(int(bs), args) for bs in args.batch_sizes.split(",")]
+    if args.proxy:
+        args.pretrained = f"proxy {args.proxy}"
     res = summarize(runs, args)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(res, indent=1))

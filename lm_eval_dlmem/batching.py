@@ -123,22 +123,27 @@ class BatchSize:
 
     Reads `args` at each call, so a changed `args.batch_size` takes effect on the next batch."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, plan=None):
         self.args = args
+        self._plan = plan  # () -> batch size: the memory model's, asked once, at the first batch
+        self._planned: int | None = None
 
     @property
     def auto(self) -> bool:
         return str(self.args.batch_size).startswith("auto")
 
     def n(self) -> int:
-        """Requests per batch: the fixed size, or for auto the size it starts from (max_batch_size,
-        lowered by earlier out-of-memory backoffs)."""
-        if self.auto:
-            return int(self.args.max_batch_size or DEFAULT_AUTO_BATCH)
-        n = int(float(self.args.batch_size))
-        if n <= 0:
+        """Requests per batch: the fixed size, or for auto the memory plan's largest batch (without
+        a plan, max_batch_size or 64), lowered by earlier out-of-memory backoffs."""
+        if not self.auto and int(float(self.args.batch_size)) <= 0:
             raise ValueError(f"batch_size={self.args.batch_size} must be a positive integer or 'auto'.")
-        return n
+        if self._plan is not None and self._planned is None:
+            self._planned = int(self._plan())  # also for a fixed size: the plan line is printed
+        if not self.auto:
+            return int(float(self.args.batch_size))
+        if self._planned is None:
+            return int(self.args.max_batch_size or DEFAULT_AUTO_BATCH)
+        return min(self._planned, int(self.args.max_batch_size or self._planned))
 
     def run(self, fn, chunk: list) -> list:
         """fn(chunk) -> one result per item; with batch_size=auto an out-of-memory halves the

@@ -10,6 +10,7 @@ is the frozen baseline through the same code path.
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -59,8 +60,19 @@ class DlmLM(TemplateLM):
         self.spec, self.tokenizer = self.backbone.spec, self.backbone.tokenizer
         resolve_strategy(a, self.spec, self.preset, given=kwargs)
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
-        self.batch_sizer = BatchSize(a)
+        self.batch_sizer = BatchSize(a, plan=self._memory_plan)
         self.generation = GenerationRequests(a, self.backbone, self._max_length, self.default_max_gen_toks)
+
+    def _memory_plan(self) -> int:
+        """The memory model's batch size for this run (`memory_plan.harness_batch`); its one-line
+        plan (model, dtype, memory per request, batch size) goes to stderr on rank 0."""
+        from .memory_plan import harness_batch
+
+        batch, line = harness_batch(self.backbone, self.memory, self.args, self.max_length, self.device,
+                                    self.args.pretrained)
+        if self.rank == 0:
+            print(line, file=sys.stderr)
+        return batch
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):

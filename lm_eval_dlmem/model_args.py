@@ -220,8 +220,8 @@ class ModelArgs:
         check_batch_size(self.typed_names.get("batch_size", "batch_size"), self.batch_size)
         if str(self.batch_size).startswith("auto:"):
             log.warning("batch_size=%s: the N of auto:N is ignored. batch_size=auto is never recomputed: it "
-                        "starts at max_batch_size (default 64) and halves on out-of-memory for the rest of "
-                        "the run.", self.batch_size)
+                        "starts at the memory plan's largest batch (at most max_batch_size) and halves on "
+                        "out-of-memory for the rest of the run.", self.batch_size)
 
     def _check_carry(self) -> None:
         """metastate_carry= is one of the modes, and only given with a MetaState to ablate."""

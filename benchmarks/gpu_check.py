@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import gc
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -103,7 +102,7 @@ def dry_plan() -> Plan:
 
 # ---- the table ----------------------------------------------------------------------------------
 
-COLUMNS = ("section", "check", "result", "peak GPU mem", "weights", "note")
+COLUMNS = ("section", "check", "result", "peak GPU mem", "memory model", "weights", "note")
 
 
 class Report:
@@ -114,8 +113,8 @@ class Report:
         self.rows: list[tuple[str, ...]] = []
         self.out, self.title = out, title
 
-    def add(self, section, check, result, peak="", weights="", note="") -> None:
-        row = tuple(str(v) for v in (section, check, result, peak, weights, note))
+    def add(self, section, check, result, peak="", weights="", note="", predicted="") -> None:
+        row = tuple(str(v) for v in (section, check, result, peak, predicted, weights, note))
         self.rows.append(row)
         print(" | ".join(row), file=sys.stderr, flush=True)
         self.write()
@@ -233,6 +232,26 @@ class Context:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
+
+
+def predicted(bb, config=None, batch: int = 1, prompt: int = 0, memory=None, mc_batch_size: int = 0) -> str:
+    """The memory model's peak (`lm_eval_dlmem.memory_plan`) for a row: decoding `config` at
+    `batch` (with `memory`), or a likelihood forward of `mc_batch_size` rows when that is given.
+    Its failure shows in the cell, not as a lost section."""
+    try:
+        import lm_eval_dlmem.memory_plan as mp
+
+        shape = mp.Shape.from_config(bb.config.to_dict(), bb.family)
+        precision = str(next(bb.model.parameters()).dtype).removeprefix("torch.")
+        cost = mp.MemoryCost() if memory is None else mp.MemoryCost.of(memory)
+        if mc_batch_size:
+            return gib(mp.likelihood_peak(shape, mp.RunPlan(precision=precision, prompt=prompt, gen_length=6,
+                                                            mc_batch_size=mc_batch_size, memory=cost)))
+        run = mp.RunPlan(precision=precision, prompt=prompt, gen_length=config.gen_length,
+                         block_length=config.block_length, cache=config.cache, cfg=config.cfg_scale > 0, memory=cost)
+        return gib(mp.decode_peak(shape, run, batch))
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        return f"error: {type(e).__name__}: {e}"[:80]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -424,7 +443,8 @@ def section_decode(ctx: Context) -> None:
         ctx.reset_peak()
         steps, _, seconds = decode(ctx, bb, ids, official_config(p.gen, p.block), limit=p.official_steps)
         ctx.report.add("decode", f"batch {B}: cache=none, 1 token/step", f"{B * steps / seconds:.1f} tok/s", ctx.peak(),
-                       weights, f"{shape}; first {steps} of {p.gen} steps timed")
+                       weights, f"{shape}; first {steps} of {p.gen} steps timed",
+                       predicted(bb, official_config(p.gen, p.block), B, p.prompt))
         ctx.doing = f"batch {B}: cache=dual, threshold=0.9"
         decode(ctx, bb, ids, fast_config(p.gen, p.block), limit=2)
         ctx.reset_peak()
@@ -432,7 +452,8 @@ def section_decode(ctx: Context) -> None:
         ctx.report.add("decode", f"batch {B}: cache=dual, threshold=0.9", f"{B * tokens / seconds:.1f} tok/s",
                        ctx.peak(), weights,
                        f"{shape}; whole run, {tokens / forwards:.2f} tokens/forward; lower bound: random weights "
-                       f"rarely pass the threshold (target >= {400 if B == 1 else 3000} tok/s on trained weights)")
+                       f"rarely pass the threshold (target >= {400 if B == 1 else 3000} tok/s on trained weights)",
+                       predicted(bb, fast_config(p.gen, p.block), B, p.prompt))
 
 
 @torch.no_grad()
@@ -453,7 +474,8 @@ def section_likelihood(ctx: Context) -> None:
         scores[B], seconds = ctx.timed(lambda: loglikelihood(bb, requests, mc_num=p.mc_num, batch_size=B))
         ctx.report.add("likelihood", f"mc_batch_size {B}", f"{len(requests) / seconds:.2f} requests/s", ctx.peak(),
                        gib(weight_bytes(bb.model)),
-                       f"{len(requests)} requests, prefix {p.prompt // 2}, continuation 3-6 tokens, mc_num {p.mc_num}")
+                       f"{len(requests)} requests, prefix {p.prompt // 2}, continuation 3-6 tokens, mc_num {p.mc_num}",
+                       predicted(bb, prompt=p.prompt // 2, mc_batch_size=B))
     a, b = (scores[B] for B in p.ll_batches[:2])
     moved = max(abs(x[0] - y[0]) for x, y in zip(a, b))
     ctx.report.add("likelihood", f"estimates at batch {p.ll_batches[0]} vs {p.ll_batches[1]}",
@@ -484,7 +506,8 @@ def overhead_rows(ctx: Context, section: str, bb, modes: dict, with_metastate: b
         decode(ctx, bb, ids, config, limit=2)
         ctx.reset_peak()
         _, _, base = decode(ctx, bb, ids, config)
-        ctx.report.add(section, f"{mode}: frozen decode, gen {G}", f"{base:.2f} s", ctx.peak(), weights, f"batch 1, prompt {p.prompt}")
+        ctx.report.add(section, f"{mode}: frozen decode, gen {G}", f"{base:.2f} s", ctx.peak(), weights, f"batch 1, prompt {p.prompt}",
+                       predicted(bb, config, 1, p.prompt))
         if with_metastate:
             ms = MetaState.init_for(bb)
             decode(ctx, bb, ids, config, ms, limit=2)  # warm-up: its fp32 kernels
@@ -492,17 +515,19 @@ def overhead_rows(ctx: Context, section: str, bb, modes: dict, with_metastate: b
             _, _, t = decode(ctx, bb, ids, config, ms)
             n = sum(w.numel() for w in ms.parameters())
             ctx.report.add(section, f"{mode}: + MetaState (default size)", f"{t / base - 1:+.1%} decode time", ctx.peak(),
-                           f"{weights} + {gib(n * 4)}", f"{n / 1e6:.1f}M parameters (fp32); target <= 5%")
+                           f"{weights} + {gib(n * 4)}", f"{n / 1e6:.1f}M parameters (fp32); target <= 5%",
+                           predicted(bb, config, 1, p.prompt, ms))
             del ms
         ctx.reset_peak()
         _, t_inner = ctx.timed(inner_loop)
         ctx.report.add(section, f"{mode}: MemDLM inner loop", f"{t_inner / base:.1%} of decode time ({t_inner:.2f} s)",
-                       ctx.peak(), weights, f"{memdlm.config.inner_steps} SGD steps on the prompt; target <= 15%")
+                       ctx.peak(), weights, f"{memdlm.config.inner_steps} SGD steps on the prompt; target <= 15%",
+                       predicted(bb, config, 1, p.prompt, memdlm))
         decode(ctx, bb, ids, config, memdlm, limit=2)  # warm-up: the fast-weight shapes
         ctx.reset_peak()
         _, _, t = decode(ctx, bb, ids, config, memdlm)
         ctx.report.add(section, f"{mode}: decode with MemDLM", f"{t / base - 1:+.1%} decode time", ctx.peak(), weights,
-                       "inner loop + fast weights on every step")
+                       "inner loop + fast weights on every step", predicted(bb, config, 1, p.prompt, memdlm))
 
 
 def section_memory(ctx: Context) -> None:

@@ -263,6 +263,19 @@ def default_positions(attention_mask, start: int, length: int, from_mask: bool, 
     return torch.arange(start, start + length, device=device)[None]
 
 
+class LlamaBody(nn.Module):
+    """The `model.` part of a Llama-layout checkpoint (Dream, LLaDA-MoE): `embed_tokens`,
+    `layers.N` (one `layer_class(config, N)` per layer), `norm`."""
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
 class LlamaLayout:
     """Module layout of checkpoints named the Llama way (`model.<embeddings>`, `model.layers`,
     `model.norm`, `lm_head`), as the official Dream, LLaDA-MoE and LLaDA2.x checkpoints are: the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers import PretrainedConfig
 
-from .common import init_config, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import init_config, LlamaBody, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class DreamConfig(PretrainedConfig):
@@ -86,12 +86,8 @@ class DreamDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DreamBaseModel(nn.Module):
-    def __init__(self, config: DreamConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class DreamBaseModel(LlamaBody):
+    layer_class = DreamDecoderLayer
 
 
 class DreamModel(LlamaLayout, DlmPreTrainedModel):

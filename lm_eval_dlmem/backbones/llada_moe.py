@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from .common import init_config, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import init_config, LlamaBody, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -182,12 +182,8 @@ class LLaDAMoEDecoderLayer(nn.Module):
         return x + out
 
 
-class LLaDAMoEModel(nn.Module):
-    def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class LLaDAMoEModel(LlamaBody):
+    layer_class = LLaDAMoEDecoderLayer
 
 
 class LLaDAMoEModelLM(LlamaLayout, DlmPreTrainedModel):

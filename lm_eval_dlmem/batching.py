@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,45 @@ class BatchSize:
                 log.warning("Out of memory: retrying with batch size %d.", n)
 
 
+def memory_plan(backbone, memory, args: ModelArgs, max_length: int, device, rank: int):
+    """`BatchSize`'s plan: () -> the memory model's batch size for this run
+    (`memory_plan.harness_batch`), its one-line plan (model, dtype, memory per request, batch size)
+    printed to stderr on rank 0."""
+
+    def plan() -> int:
+        from .memory_plan import harness_batch
+
+        batch, line = harness_batch(backbone, memory, args, max_length, device, args.pretrained)
+        if rank == 0:
+            print(line, file=sys.stderr)
+        return batch
+
+    return plan
+
+
+def likelihood_options(args: ModelArgs, memory) -> dict:
+    """The keyword arguments `decoding.loglikelihood` and `loglikelihood_rolling` take from the
+    model args (block-causal families score per block of `block_length`)."""
+    return dict(mc_num=args.mc_num, batch_size=args.mc_batch_size, cfg_scale=args.likelihood_cfg,
+                memory=memory, block_length=args.block_length)
+
+
+def score_in_chunks(items: list, score, bar, store) -> list:
+    """score(part, bar) -> one result per item, over LIKELIHOOD_CHUNK items at a time under
+    inference mode; store(item, result) gets each result as soon as its chunk is done (the
+    --use_cache hook), so an interrupted run keeps what it scored. Closes `bar`."""
+    results = []
+    for start in range(0, len(items), LIKELIHOOD_CHUNK):
+        part = items[start:start + LIKELIHOOD_CHUNK]
+        with torch.inference_mode():
+            out = score(part, bar)
+        for item, res in zip(part, out):
+            store(item, res)
+            results.append(res)
+    bar.close()
+    return results
+
+
 class GenerationRequests:
     """generate_until's request logic for one model: gen_kwargs -> plan, prompt fitting, answers.
 
@@ -221,6 +261,11 @@ class GenerationRequests:
             self.truncated += 1
             ids = truncate_tokens(ids, budget, side=self.args.truncation_side)
         return ids or [empty]
+
+    def batch(self, prompts: list[list[int]], plan: GenerationPlan, empty: int, device):
+        """A batch's prompt ids -> (input_ids, attention_mask) on `device`: each fitted into
+        `plan.budget` (`fit_prompt`), then left-padded (`left_pad`)."""
+        return self.left_pad([self.fit_prompt(ids, plan.budget, empty) for ids in prompts], device)
 
     def warn_truncated(self) -> None:
         """The one warning of a generate_until call about truncated prompts (then the count restarts)."""

@@ -26,6 +26,11 @@ class Placement:
     rank: int = 0
     world_size: int = 1
 
+    def model_placement(self, parallelize: bool) -> dict:
+        """`load_backbone`'s device / device_map: this process's device, or with `parallelize`
+        the model spread over the visible devices by device_map="auto"."""
+        return dict(device=None if parallelize else self.device, device_map="auto" if parallelize else None)
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """The tensor of every rank, concatenated (itself in a single process)."""
         return self.accelerator.gather(tensor) if self.accelerator is not None else tensor

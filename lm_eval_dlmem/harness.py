@@ -1,16 +1,9 @@
-"""The lm-eval adapter: `DlmLM(TemplateLM)` and the registered presets.
-
-This is the only module that sees lm-eval `Instance`s. It turns requests into length-sorted
-batches (lm-eval's Collator), token ids and seeds, and hands them to `decoding.generate` /
-`decoding.likelihood`; the numbers come from there. Memory (MetaState, MemDLM fast weights) is
-built once from the model args and passed to every decode, so `metastate=none` / `inner_steps=0`
-is the frozen baseline through the same code path.
-"""
+"""The lm-eval adapter: `DlmLM(TemplateLM)`, lm-eval `Instance`s <-> batches, and the registered
+presets (docs/architecture.md: the data flow of a request)."""
 
 from __future__ import annotations
 
 import logging
-import sys
 
 import torch
 from lm_eval.api.model import TemplateLM
@@ -18,23 +11,19 @@ from lm_eval.models.utils import Collator
 from tqdm import tqdm
 
 from .backbones.loading import load_backbone
-from .batching import (LIKELIHOOD_CHUNK, BatchSize, GenerationRequests, chat_prompt, encode, fit_pair, repeat_indices,
-                       seed_of, warn_is_greedy_not_computed)
+from .batching import (BatchSize, GenerationRequests, chat_prompt, encode, fit_pair, likelihood_options, memory_plan,
+                       repeat_indices, score_in_chunks, seed_of, warn_is_greedy_not_computed)
 from .devices import place
 from .memory.build import build_memory
 from .model_args import ModelArgs, merge_harness_args, resolve_strategy
-from .run_cache import fingerprint, namespace_cache
+from .run_cache import fingerprint, namespace_cache_hook
 
 log = logging.getLogger(__name__)
 
 
 class DlmLM(TemplateLM):
-    """lm-eval LM for discrete diffusion backbones, optionally with memory.
-
-    Model args: see `ModelArgs` (README lists them all). `preset` holds the defaults of a
-    registered name; `family` is the family the preset is meant for (others work, with a note).
-    Request logic (batch size, prompt fitting, answers, seeds) lives in `batching.py`.
-    """
+    """lm-eval LM for discrete diffusion backbones, optionally with memory. Model args: `ModelArgs`;
+    `preset`: a registered name's defaults, for `family` checkpoints (others work, with a note)."""
 
     family: str | None = None
     preset: dict = {}
@@ -43,15 +32,11 @@ class DlmLM(TemplateLM):
     def __init__(self, **kwargs):
         super().__init__()
         self.args = a = ModelArgs.from_kwargs(self.preset, **kwargs)
-        self.placement = place(a.device, a.parallelize)
-        p = self.placement
+        self.placement = p = place(a.device, a.parallelize)
         self._device, self._rank, self._world_size, self.accelerator = p.device, p.rank, p.world_size, p.accelerator
-        backbone = load_backbone(
-            a.source, family=a.family, dtype=a.dtype, device=None if a.parallelize else self._device,
-            load_in_4bit=a.load_in_4bit, load_in_8bit=a.load_in_8bit, revision=a.revision,
-            device_map="auto" if a.parallelize else None, tokenizer=a.tokenizer_source,
-            strict_weights=a.strict_weights,
-        )
+        backbone = load_backbone(a.source, family=a.family, dtype=a.dtype, load_in_4bit=a.load_in_4bit,
+                                 load_in_8bit=a.load_in_8bit, revision=a.revision, tokenizer=a.tokenizer_source,
+                                 strict_weights=a.strict_weights, **p.model_placement(a.parallelize))
         if self.family and backbone.family != self.family:
             log.warning("%s is set up for %s checkpoints; %s is a %s checkpoint. Proceeding with its own "
                         "family defaults.", type(self).__name__, self.family, a.pretrained, backbone.family)
@@ -60,24 +45,13 @@ class DlmLM(TemplateLM):
         self.spec, self.tokenizer = self.backbone.spec, self.backbone.tokenizer
         resolve_strategy(a, self.spec, self.preset, given=kwargs)
         self._max_length = a.max_length or self.spec.max_length(self.backbone.config)
-        self.batch_sizer = BatchSize(a, plan=self._memory_plan)
+        self.batch_sizer = BatchSize(a, plan=memory_plan(self.backbone, self.memory, a, self._max_length,
+                                                         self._device, self._rank))
         self.generation = GenerationRequests(a, self.backbone, self._max_length, self.default_max_gen_toks)
-
-    def _memory_plan(self) -> int:
-        """The memory model's batch size for this run (`memory_plan.harness_batch`); its one-line
-        plan (model, dtype, memory per request, batch size) goes to stderr on rank 0."""
-        from .memory_plan import harness_batch
-
-        batch, line = harness_batch(self.backbone, self.memory, self.args, self.max_length, self.device,
-                                    self.args.pretrained)
-        if self.rank == 0:
-            print(line, file=sys.stderr)
-        return batch
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        """lm-eval's entry point: `--model_args` plus --batch_size/--max_batch_size/--device, merged
-        (see `merge_harness_args`) instead of lm-eval's TypeError when a key comes from both."""
+        """lm-eval's entry point; `merge_harness_args` merges --batch_size/--device into the model args."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
@@ -123,11 +97,7 @@ class DlmLM(TemplateLM):
         self.placement.barrier()
 
     def set_cache_hook(self, cache_hook) -> None:
-        """Namespace `--use_cache` by model args: lm-eval's cache key is only (method, request),
-        so two runs that differ in metastate= or decoding args would otherwise share answers."""
-        db = getattr(cache_hook, "dbdict", None)
-        if db is not None:
-            namespace_cache(db, self.fingerprint())
+        namespace_cache_hook(cache_hook, self.fingerprint())  # --use_cache: one table per configuration
         super().set_cache_hook(cache_hook)
 
     def fingerprint(self) -> str:
@@ -175,8 +145,8 @@ class DlmLM(TemplateLM):
         plan = self.generation.plan(chunk[0][1][1])
         if plan is None:
             return [""] * len(chunk)
-        prompts = [self.generation.fit_prompt(encoded[idx], plan.budget, self.prefix_token_id) for idx, _ in chunk]
-        input_ids, attention_mask = self.generation.left_pad(prompts, self.device)
+        input_ids, attention_mask = self.generation.batch([encoded[idx] for idx, _ in chunk], plan,
+                                                          self.prefix_token_id, self.device)
         seeds = [self.request_seed(ctx, gk, repeat=repeats[idx]) for idx, (ctx, gk) in chunk]
         with torch.inference_mode():
             out = generate(self.backbone, input_ids, attention_mask, plan.config, self.memory,
@@ -189,15 +159,11 @@ class DlmLM(TemplateLM):
 
         undecided = []
 
-        def score(part, bar):
+        def score(part, bar):  # the bar moves per finished request, not per chunk
             out = loglikelihood(
                 self.backbone, [fit_pair(ctx_ids, cont_ids, self.max_length) for _, ctx_ids, cont_ids in part],
-                mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
                 seeds=[self.request_seed(ctx, cont) for (ctx, cont), _, _ in part],
-                cfg_scale=self.args.likelihood_cfg, check_greedy=self.args.check_greedy,
-                memory=self.memory, progress=bar,  # moves per finished request, not per chunk
-                block_length=self.args.block_length,  # block-causal families score per block
-            )
+                check_greedy=self.args.check_greedy, progress=bar, **likelihood_options(self.args, self.memory))
             undecided.extend(greedy is None for _, greedy in out)
             return [(float(logp), bool(greedy)) for logp, greedy in out]
 
@@ -207,34 +173,22 @@ class DlmLM(TemplateLM):
         return results
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Whole-text log-likelihoods: the windows of up to LIKELIHOOD_CHUNK texts are packed
-        into forwards together (`decoding.loglikelihood_rolling`), with `likelihood_cfg`."""
+        """Whole-text log-likelihoods; a chunk's texts are windowed and packed into forwards together."""
         from .decoding.likelihood import loglikelihood_rolling
 
         def score(part, bar):
             return [float(logp) for logp in loglikelihood_rolling(
                 self.backbone, [self.tok_encode(s, add_special_tokens=False) for s in part],
-                max_length=self.max_length, mc_num=self.args.mc_num, batch_size=self.args.mc_batch_size,
-                seeds=[self.request_seed(s) for s in part], cfg_scale=self.args.likelihood_cfg,
-                memory=self.memory, progress=bar, block_length=self.args.block_length)]
+                max_length=self.max_length, seeds=[self.request_seed(s) for s in part], progress=bar,
+                **likelihood_options(self.args, self.memory))]
 
         strings = [req.args[0] for req in requests]
         return self._score_in_chunks("loglikelihood_rolling", strings, lambda s: (s,), score, disable_tqdm)
 
     def _score_in_chunks(self, method: str, items: list, cache_key, score, disable_tqdm: bool) -> list:
-        """score(part, bar) over LIKELIHOOD_CHUNK items at a time, each result handed to the
-        --use_cache hook under (method, cache_key(item)) as soon as its chunk is done."""
-        results = []
-        bar = self._bar(len(items), disable_tqdm, method)
-        for start in range(0, len(items), LIKELIHOOD_CHUNK):
-            part = items[start:start + LIKELIHOOD_CHUNK]
-            with torch.inference_mode():
-                out = score(part, bar)
-            for item, res in zip(part, out):
-                self.cache_hook.add_partial(method, cache_key(item), res)
-                results.append(res)
-        bar.close()
-        return results
+        """`batching.score_in_chunks`, each result stored under (method, cache_key(item))."""
+        return score_in_chunks(items, score, self._bar(len(items), disable_tqdm, method),
+                               store=lambda item, res: self.cache_hook.add_partial(method, cache_key(item), res))
 
 
 # ---- registered presets: a family and its defaults (README: model names) ---------------------
@@ -253,19 +207,15 @@ class MetaStateDream(DlmLM):
 
 
 class MemDLMLLaDAMoE(DlmLM):
-    """`memdlm-llada-moe`: LLaDA-MoE-7B-A1B as MemDLM evaluates it: one block, one token per step
-    (steps = block = max_gen_toks), `adapter=` for the outer LoRA, `inner_steps=` for inference
-    adaptation."""
+    """`memdlm-llada-moe`: LLaDA-MoE-7B-A1B as MemDLM evaluates it: one block, one token per step."""
 
     family = "llada_moe"
     preset = {"strategy": "llada"}
 
 
 class MemDLMLLaDA2(DlmLM):
-    """`memdlm-llada2`: LLaDA2.1-mini as MemDLM evaluates it (`memdlm/eval/llada21.py`): its
-    LLaDA2.0 block sampler (`strategy=llada2`; `strategy=llada21` adds LLaDA2.1's editing), blocks
-    of 32, 32 steps per block, threshold 0.95, 512 new tokens when the task names no
-    max_gen_toks; `adapter=` for the outer LoRA, `inner_steps=` for inference adaptation."""
+    """`memdlm-llada2`: LLaDA2.1-mini as MemDLM evaluates it (`memdlm/eval/llada21.py`): the LLaDA2.0
+    block sampler, 32 steps per block of 32, threshold 0.95, 512 new tokens by default."""
 
     family = "llada2"
     preset = {"strategy": "llada2", "block_length": 32, "steps_per_block": 32, "threshold": 0.95}

@@ -57,6 +57,15 @@ def fingerprint(fields: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def namespace_cache_hook(cache_hook, fingerprint: str) -> None:
+    """`namespace_cache` on the db of lm-eval's `CacheHook` (none without --use_cache): lm-eval's
+    cache key is only (method, request), so two runs that differ in metastate= or decoding args
+    would otherwise share answers."""
+    db = getattr(cache_hook, "dbdict", None)
+    if db is not None:
+        namespace_cache(db, fingerprint)
+
+
 def namespace_cache(db, fingerprint: str) -> None:
     """Point lm-eval's SqliteDict cache at a table of its own for this model configuration.
 

@@ -423,3 +423,28 @@ def test_memory_and_training_code_use_only_the_public_seam():
     private = ("._embed", "._blocks", "._final_norm", "._head", "logit_shift", "default_positions")
     found = [f"{p.name}: {name}" for p in files for name in private if name in p.read_text()]
     assert found == []
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("dream", {}),
+    ("llada_moe", {"bos_token_id": 7, "eos_token_id": 8, "moe_layer_freq": (1, 1)}),
+    ("llada2", {}),
+])
+def test_family_configs_store_official_keys(family, extra):
+    """The shared config __init__ (`common.init_config`): every named argument under its official
+    name, 0/None key/value heads resolved to the query heads, use_cache kept as given, the base
+    class's keys and unknown keys passed through, `architectures` defaulted."""
+    import importlib
+
+    from lm_eval_dlmem.backbones.spec import FAMILIES
+
+    module, name = FAMILIES[family].model_class.split(":")
+    config_class = getattr(importlib.import_module(f"lm_eval_dlmem.backbones.{module}"), name).config_class
+    config = config_class(hidden_size=64, num_attention_heads=4, num_key_value_heads=0, use_cache=True,
+                          pad_token_id=5, rms_norm_eps=1e-3, custom_key="kept", **extra)
+    assert (config.hidden_size, config.num_key_value_heads, config.rms_norm_eps) == (64, 4, 1e-3)
+    assert config.use_cache is True and config.pad_token_id == 5 and config.custom_key == "kept"
+    assert config.architectures == [name]
+    for key, value in extra.items():
+        assert getattr(config, key) == (list(value) if isinstance(value, tuple) else value)
+    assert config_class.from_dict(config.to_dict()).to_dict() == config.to_dict()

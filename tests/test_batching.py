@@ -158,3 +158,34 @@ def test_chat_prompt_folds_the_system_message_into_the_first_turn_when_the_templ
     history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert chat_prompt(WordTokenizer(), history) == "user:Be brief.\n\nHi"
     assert chat_prompt(WordTokenizer(), history[1:]) == "user:Hi"
+
+
+def test_score_in_chunks_stores_each_chunk_in_order_under_inference_mode():
+    """Likelihood requests are scored LIKELIHOOD_CHUNK at a time; every result reaches the
+    --use_cache store as its chunk finishes, results keep the request order, the bar is closed."""
+    from lm_eval_dlmem.batching import LIKELIHOOD_CHUNK, score_in_chunks
+
+    parts, stored = [], []
+
+    def score(part, bar):
+        assert torch.is_inference_mode_enabled() and bar is progress
+        parts.append(len(part))
+        stored_before = len(stored)
+        assert stored_before == sum(parts[:-1])  # the previous chunk was stored before this one ran
+        return [x * 10 for x in part]
+
+    progress = SimpleNamespace(closed=False)
+    progress.close = lambda: setattr(progress, "closed", True)
+    items = list(range(2 * LIKELIHOOD_CHUNK + 3))
+    out = score_in_chunks(items, score, progress, store=lambda item, res: stored.append((item, res)))
+    assert out == [x * 10 for x in items] and stored == list(zip(items, out))
+    assert parts == [LIKELIHOOD_CHUNK, LIKELIHOOD_CHUNK, 3] and progress.closed
+
+
+def test_likelihood_options_read_the_likelihood_and_block_args():
+    from lm_eval_dlmem.batching import likelihood_options
+
+    args = ModelArgs.from_kwargs(pretrained="x", mc_num=3, mc_batch_size=5, likelihood_cfg=0.5, block_length=16)
+    memory = object()
+    assert likelihood_options(args, memory) == dict(mc_num=3, batch_size=5, cfg_scale=0.5, memory=memory,
+                                                    block_length=16)

@@ -183,3 +183,13 @@ def test_memdlm_inner_loop_runs_on_the_device_and_restores_the_model(family, dty
     assert torch.isfinite(losses).all() and losses.numel() > 0
     with torch.no_grad():
         assert torch.equal(bb.logits(ids.to(DEVICE), attn.to(DEVICE)), before)
+
+
+def test_placement_puts_the_model_on_its_device_or_spreads_it():
+    """`parallelize=True` hands load_backbone device_map="auto" and no device; otherwise the
+    process's device and no device_map."""
+    from lm_eval_dlmem.devices import Placement
+
+    placement = Placement(torch.device("cpu"))
+    assert placement.model_placement(False) == dict(device=torch.device("cpu"), device_map=None)
+    assert placement.model_placement(True) == dict(device=None, device_map="auto")

@@ -68,3 +68,19 @@ def test_fast_weight_flags_default_to_memdlm_config():
     for args in parsed:
         assert (args.inner_lr, args.inner_rank, args.inner_alpha, args.inner_layer_fraction) == (
             d.inner_lr, d.inner_rank, d.inner_alpha, d.inner_layer_fraction)
+
+
+@pytest.mark.parametrize("script, required, expected", [
+    (pretrain, ["--output-dir", "o"], dict(max_steps=600, lr=2e-3, min_lr_ratio=0.1, warmup_steps=30,
+                                           weight_decay=0.1, grad_clip=1.0, batch_size=8)),
+    (metastate, ["--output-dir", "o", "--backbone", "b", "--data", "d"],
+     dict(max_steps=1000, lr=3e-4, min_lr_ratio=0.1, warmup_steps=50, weight_decay=0.01, grad_clip=1.0,
+          batch_size=4, grad_accum=1)),
+    (memdlm, ["--output-dir", "o", "--backbone", "b", "--data", "d"],
+     dict(max_steps=0, lr=2e-5, weight_decay=0.0, max_grad_norm=1.0, batch_size=2, grad_accum=1)),
+])
+def test_shared_flags_keep_each_trainers_defaults(script, required, expected):
+    """The flags written once in training.common (`add_schedule_args`, `add_batch_args`) keep
+    every trainer's own defaults."""
+    args = vars(script.build_parser().parse_args(required))
+    assert {k: args[k] for k in expected} == expected

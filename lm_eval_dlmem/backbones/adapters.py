@@ -83,21 +83,16 @@ def check_adapter_keys(load_result, adapter: str, strict: bool = True) -> None:
     frozen model; block-0-only keys: half applied), and tensors no module takes are dropped.
     `load_result` is `PeftModel.load_adapter`'s (missing keys already limited to this adapter's).
     """
-    from .loading import key_list
+    from .loading import refuse_key_mismatch
 
-    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
-        ("LoRA weights missing (those modules would stay unadapted)", load_result.missing_keys),
-        ("adapter weights that match no module (would be ignored)", load_result.unexpected_keys),
-    ) if keys]
-    if not problems:
-        return
-    report = f"adapter={adapter!r} does not match the modules it adapts: {'; '.join(problems)}."
-    if not strict:
-        log.warning("%s Loading anyway (strict_weights=False).", report)
-        return
-    raise AdapterKeysError(f"{report} Check that adapter_model.safetensors holds the weights of the modules in "
-                           "its adapter_config.json target_modules (PEFT names), or pass strict_weights=False to "
-                           "load it anyway.")
+    refuse_key_mismatch(
+        f"adapter={adapter!r} does not match the modules it adapts",
+        (("LoRA weights missing (those modules would stay unadapted)", load_result.missing_keys),
+         ("adapter weights that match no module (would be ignored)", load_result.unexpected_keys)),
+        fix="Check that adapter_model.safetensors holds the weights of the modules in its adapter_config.json "
+            "target_modules (PEFT names), or pass strict_weights=False to load it anyway.",
+        strict=strict, warn=log.warning, error=AdapterKeysError,
+    )
 
 
 def linear_targets(model: nn.Module) -> str:

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 # transformers 5.x renamed the output's cache field from `past_key_values` to `cache`; building an
@@ -26,6 +26,30 @@ def plain_rope(config) -> bool:
     `rope_scaling`/`rope_parameters` dict with rope_type "default")."""
     scaling = getattr(config, "rope_scaling", None) or {}
     return scaling.get("rope_type", scaling.get("type", "default")) == "default"
+
+
+def init_config(config: PretrainedConfig, fields: dict, architecture: str,
+                base_keys: tuple[str, ...] = ("pad_token_id", "tie_word_embeddings")) -> None:
+    """The `__init__` body of the HF-layout family configs (Dream, LLaDA-MoE, LLaDA2.x).
+
+    `fields` is the family `__init__`'s `locals()`: its named arguments (official names and
+    defaults) become attributes, except `base_keys` and the free `kwargs`, which go to
+    `PretrainedConfig.__init__`, and `use_cache`, set after it (the base class would overwrite it).
+    As in the official classes, `num_key_value_heads` 0/None means one key/value head per query
+    head, `rope_scaling` is stored only when given, and `architectures` defaults to `architecture`.
+    """
+    fields = {k: v for k, v in fields.items() if k not in ("self", "__class__")}
+    kwargs = fields.pop("kwargs")
+    base = {k: fields.pop(k) for k in base_keys}
+    use_cache = fields.pop("use_cache")
+    if fields["rope_scaling"] is None:
+        del fields["rope_scaling"]
+    fields["num_key_value_heads"] = fields["num_key_value_heads"] or fields["num_attention_heads"]
+    for name, value in fields.items():
+        setattr(config, name, value)
+    kwargs.setdefault("architectures", [architecture])
+    PretrainedConfig.__init__(config, **base, **kwargs)
+    config.use_cache = use_cache
 
 
 class RMSNorm(nn.Module):
@@ -151,6 +175,7 @@ class AttentionMixin:
     head_dim: int
     layer_idx: int
     rope_full_precision: bool  # LLaDA rotates float32 copies of q/k; HF models cast cos/sin down
+    qk_norm_names: tuple[str, str] | None = None  # the per-head q/k RMSNorm modules, when the family has them
 
     def _project(self, x):  # -> q [B,l,H*D], k, v [B,l,G*D]
         raise NotImplementedError
@@ -159,6 +184,12 @@ class AttentionMixin:
         raise NotImplementedError
 
     def _qk_norm(self, q, k):
+        if self.qk_norm_names is None or not hasattr(self, self.qk_norm_names[0]):
+            return q, k
+        q_norm, k_norm = (getattr(self, name) for name in self.qk_norm_names)
+        # the norm runs per head over D channels: [B, l, H*D] -> [B, l, H, D] -> back
+        q = q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
+        k = k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
         return q, k
 
     def attend(self, x, cos, sin, key_mask, cache, start):
@@ -174,11 +205,15 @@ class AttentionMixin:
         out = sdpa(q, k, v, key_mask)
         return self._out(out.transpose(1, 2).reshape(B, l, self.n_heads * self.head_dim))
 
+    def forward(self, x, cos, sin, key_mask, cache, start):  # a block with its own forward calls `attend`
+        return self.attend(x, cos, sin, key_mask, cache, start)
+
 
 class SelfAttention(AttentionMixin, nn.Module):
     """HF naming (`self_attn.q_proj/k_proj/v_proj/o_proj`, optional per-head `q_norm`/`k_norm`)."""
 
     rope_full_precision = False
+    qk_norm_names = ("q_norm", "k_norm")
 
     def __init__(self, hidden: int, n_heads: int, n_kv_heads: int, layer_idx: int, *,
                  qkv_bias: bool, o_bias: bool = False, qk_norm_eps: float | None = None):
@@ -196,19 +231,8 @@ class SelfAttention(AttentionMixin, nn.Module):
     def _project(self, x):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def _qk_norm(self, q, k):
-        if not hasattr(self, "q_norm"):
-            return q, k
-        # the norm runs per head over D channels: [B, l, H*D] -> [B, l, H, D]
-        q = self.q_norm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        k = self.k_norm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        return q, k
-
     def _out(self, x):
         return self.o_proj(x)
-
-    def forward(self, x, cos, sin, key_mask, cache, start):
-        return self.attend(x, cos, sin, key_mask, cache, start)
 
 
 class GatedMLP(nn.Module):
@@ -237,6 +261,19 @@ def default_positions(attention_mask, start: int, length: int, from_mask: bool, 
         pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return pos[:, start : start + length]
     return torch.arange(start, start + length, device=device)[None]
+
+
+class LlamaBody(nn.Module):
+    """The `model.` part of a Llama-layout checkpoint (Dream, LLaDA-MoE): `embed_tokens`,
+    `layers.N` (one `layer_class(config, N)` per layer), `norm`."""
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaLayout:
@@ -278,8 +315,8 @@ class LlamaLayout:
 
 class DlmPreTrainedModel(PreTrainedModel):
     """Forward scaffolding shared by the families. Subclasses provide `_embed`, `_blocks`,
-    `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`; `Backbone` reaches them
-    through its public `hidden_states` / `final_norm` / `head`.
+    `_final_norm`, `_head`, `rotary` and set `position_ids_from_mask`; their config class provides
+    `check_supported()`. `Backbone` reaches them through its public `hidden_states` / `final_norm` / `head`.
 
     forward(input_ids [B, l], attention_mask [B, L] over the *whole* canvas, position_ids,
     past_key_values: DiffusionCache, use_cache, cache_position: int start of the window,
@@ -287,6 +324,7 @@ class DlmPreTrainedModel(PreTrainedModel):
     block-causal families (LLaDA2.x), None for bidirectional attention).
     """
 
+    base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _tied_weights_keys = None
@@ -294,6 +332,7 @@ class DlmPreTrainedModel(PreTrainedModel):
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
+        config.check_supported()  # every family config refuses, by key, what its official code would not run
         self.gradient_checkpointing = False
 
     @property

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn as nn
 from transformers import PretrainedConfig
 
-from .common import DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import init_config, LlamaBody, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class DreamConfig(PretrainedConfig):
@@ -41,27 +41,7 @@ class DreamConfig(PretrainedConfig):
         pad_token_id=151643,
         **kwargs,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.initializer_range = initializer_range
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        if rope_scaling is not None:
-            self.rope_scaling = rope_scaling
-        self.use_sliding_window = use_sliding_window
-        self.sliding_window = sliding_window
-        self.max_window_layers = max_window_layers
-        self.attention_dropout = attention_dropout
-        self.mask_token_id = mask_token_id
-        kwargs.setdefault("architectures", ["DreamModel"])
-        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
-        self.use_cache = use_cache
+        init_config(self, locals(), "DreamModel")
 
     def check_supported(self) -> None:
         if self.hidden_act != "silu":
@@ -106,23 +86,17 @@ class DreamDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class DreamBaseModel(nn.Module):
-    def __init__(self, config: DreamConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DreamDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class DreamBaseModel(LlamaBody):
+    layer_class = DreamDecoderLayer
 
 
 class DreamModel(LlamaLayout, DlmPreTrainedModel):
     config_class = DreamConfig
-    base_model_prefix = "model"
     _no_split_modules = ["DreamDecoderLayer"]
     position_ids_from_mask = True
 
     def __init__(self, config: DreamConfig):
         super().__init__(config)
-        config.check_supported()
         self.model = DreamBaseModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = config.hidden_size // config.num_attention_heads

@@ -156,12 +156,10 @@ class LLaDAModel(nn.Module):
 
 class LLaDAModelLM(DlmPreTrainedModel):
     config_class = LLaDAConfig
-    base_model_prefix = "model"
     _no_split_modules = ["LLaDABlock"]
 
     def __init__(self, config: LLaDAConfig):
         super().__init__(config)
-        config.check_supported()
         self.model = LLaDAModel(config)
         self.rotary = Rotary(config.d_model // config.n_heads, config.rope_theta)
         self.post_init()

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from .common import AttentionMixin, DlmPreTrainedModel, GatedMLP, LlamaLayout, RMSNorm, Rotary, plain_rope
+from .common import init_config, AttentionMixin, DlmPreTrainedModel, GatedMLP, LlamaLayout, RMSNorm, Rotary, plain_rope
 from .llada_moe import EXPERT_TOKENS
 
 
@@ -85,43 +85,8 @@ class LLaDA2MoeConfig(PretrainedConfig):
         partial_rotary_factor=0.5,
         **kwargs,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.intermediate_size = intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.hidden_act = hidden_act
-        self.use_qkv_bias = use_qkv_bias
-        self.use_qk_norm = use_qk_norm
-        self.use_bias = use_bias
-        self.rms_norm_eps = rms_norm_eps
-        self.norm_head = norm_head
-        self.embedding_dropout = embedding_dropout
-        self.attention_dropout = attention_dropout
-        self.output_dropout = output_dropout
-        self.initializer_range = initializer_range
-        self.max_position_embeddings = max_position_embeddings
-        self.rope_theta = rope_theta
-        self.use_sliding_window = use_sliding_window
-        self.sliding_window = sliding_window
-        self.max_window_layers = max_window_layers
-        if rope_scaling is not None:
-            self.rope_scaling = rope_scaling
-        self.num_experts = num_experts
-        self.num_shared_experts = num_shared_experts
-        self.num_experts_per_tok = num_experts_per_tok
-        self.n_group = n_group
-        self.topk_group = topk_group
-        self.routed_scaling_factor = routed_scaling_factor
-        self.moe_intermediate_size = moe_intermediate_size
-        self.first_k_dense_replace = first_k_dense_replace
-        self.head_dim = head_dim or hidden_size // num_attention_heads
-        self.output_router_logits = output_router_logits
-        self.partial_rotary_factor = partial_rotary_factor
-        kwargs.setdefault("architectures", ["LLaDA2MoeModelLM"])
-        super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
-        self.use_cache = use_cache
+        init_config(self, {**locals(), "head_dim": head_dim or hidden_size // num_attention_heads},
+                    "LLaDA2MoeModelLM")
 
     @property
     def rotary_dim(self) -> int:
@@ -184,6 +149,7 @@ class LLaDA2Attention(AttentionMixin, nn.Module):
     before rotating, as the official rotary embedding returns them."""
 
     rope_full_precision = False
+    qk_norm_names = ("query_layernorm", "key_layernorm")
 
     def __init__(self, config: LLaDA2MoeConfig, layer_idx: int):
         super().__init__()
@@ -199,19 +165,8 @@ class LLaDA2Attention(AttentionMixin, nn.Module):
         D = self.head_dim
         return self.query_key_value(x).split([self.n_heads * D, self.n_kv_heads * D, self.n_kv_heads * D], dim=-1)
 
-    def _qk_norm(self, q, k):
-        if not hasattr(self, "query_layernorm"):
-            return q, k
-        # per head over D channels: [B, l, H*D] -> [B, l, H, D] -> back
-        q = self.query_layernorm(q.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        k = self.key_layernorm(k.unflatten(-1, (-1, self.head_dim))).flatten(-2)
-        return q, k
-
     def _out(self, x):
         return self.dense(x)
-
-    def forward(self, x, cos, sin, key_mask, cache, start):
-        return self.attend(x, cos, sin, key_mask, cache, start)
 
 
 class LLaDA2Gate(nn.Module):
@@ -334,7 +289,6 @@ def block_causal_mask(attention_mask, start: int, length: int, keys: int, block_
 
 class LLaDA2MoeModelLM(LlamaLayout, DlmPreTrainedModel):
     config_class = LLaDA2MoeConfig
-    base_model_prefix = "model"
     _no_split_modules = ["LLaDA2DecoderLayer"]
     embedding_name = "word_embeddings"
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
@@ -343,7 +297,6 @@ class LLaDA2MoeModelLM(LlamaLayout, DlmPreTrainedModel):
 
     def __init__(self, config: LLaDA2MoeConfig):
         super().__init__(config)
-        config.check_supported()
         self.model = LLaDA2Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.rotary_dim, config.rope_theta)

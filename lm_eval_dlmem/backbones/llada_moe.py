@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import PretrainedConfig
 
-from .common import DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
+from .common import init_config, LlamaBody, DlmPreTrainedModel, LlamaLayout, plain_rope, GatedMLP, RMSNorm, Rotary, SelfAttention
 
 
 class LLaDAMoEConfig(PretrainedConfig):
@@ -62,43 +62,8 @@ class LLaDAMoEConfig(PretrainedConfig):
         router_topk_group=-2,
         **kwargs,
     ):
-        self.vocab_size = vocab_size
-        self.hidden_size = hidden_size
-        self.dense_intermediate_size = dense_intermediate_size
-        self.expert_intermediate_size = expert_intermediate_size
-        self.shared_expert_intermediate_size = shared_expert_intermediate_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.hidden_act = hidden_act
-        self.max_position_embeddings = max_position_embeddings
-        self.initializer_range = initializer_range
-        self.rms_norm_eps = rms_norm_eps
-        self.rope_theta = rope_theta
-        self.partial_rotary_factor = partial_rotary_factor
-        if rope_scaling is not None:
-            self.rope_scaling = rope_scaling
-        self.attention_bias = attention_bias
-        self.attention_dropout = attention_dropout
-        self.clip_qkv = clip_qkv
-        self.num_experts_per_tok = num_experts_per_tok
-        self.num_experts = num_experts
-        self.output_router_logits = output_router_logits
-        self.router_aux_loss_coef = router_aux_loss_coef
-        self.norm_topk_prob = norm_topk_prob
-        self.qk_layernorm = qk_layernorm
-        self.moe_layer_freq = list(moe_layer_freq)
-        self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
-        self.moe_router_score_function = moe_router_score_function
-        self.routed_scaling_factor = routed_scaling_factor
-        self.router_num_group = router_num_group
-        self.router_topk_group = router_topk_group
-        kwargs.setdefault("architectures", ["LLaDAMoEModelLM"])
-        super().__init__(
-            pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-            tie_word_embeddings=tie_word_embeddings, **kwargs,
-        )
-        self.use_cache = use_cache
+        init_config(self, {**locals(), "moe_layer_freq": list(moe_layer_freq)}, "LLaDAMoEModelLM",
+                    base_keys=("pad_token_id", "bos_token_id", "eos_token_id", "tie_word_embeddings"))
 
     def check_supported(self) -> None:
         problems = []
@@ -217,22 +182,16 @@ class LLaDAMoEDecoderLayer(nn.Module):
         return x + out
 
 
-class LLaDAMoEModel(nn.Module):
-    def __init__(self, config: LLaDAMoEConfig):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LLaDAMoEDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+class LLaDAMoEModel(LlamaBody):
+    layer_class = LLaDAMoEDecoderLayer
 
 
 class LLaDAMoEModelLM(LlamaLayout, DlmPreTrainedModel):
     config_class = LLaDAMoEConfig
-    base_model_prefix = "model"
     _no_split_modules = ["LLaDAMoEDecoderLayer"]
 
     def __init__(self, config: LLaDAMoEConfig):
         super().__init__(config)
-        config.check_supported()
         self.model = LLaDAMoEModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         head_dim = config.hidden_size // config.num_attention_heads

@@ -535,19 +535,29 @@ def check_weights(loading_info: dict, pretrained: str, strict: bool = True) -> N
     or buffer weights that are legitimately absent are not in `loading_info` (transformers
     fills them), so anything listed here is a real mismatch.
     """
-    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in (
-        ("missing (would be randomly initialised)", loading_info.get("missing_keys") or ()),
-        ("unexpected (would be ignored)", loading_info.get("unexpected_keys") or ()),
-        ("of the wrong shape", [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys") or ()]),
-    ) if keys]
+    refuse_key_mismatch(
+        f"The weights in {pretrained!r} do not match the model its config.json describes",
+        (("missing (would be randomly initialised)", loading_info.get("missing_keys") or ()),
+         ("unexpected (would be ignored)", loading_info.get("unexpected_keys") or ()),
+         ("of the wrong shape", [k if isinstance(k, str) else k[0] for k in loading_info.get("mismatched_keys") or ()])),
+        fix="Use a complete checkpoint whose config.json matches its weights (n_layers / num_hidden_layers, "
+            "parameter names), or pass strict_weights=False to load it anyway.",
+        strict=strict, warn=log.warning,
+    )
+
+
+def refuse_key_mismatch(subject: str, groups, fix: str, strict: bool, warn, error=ValueError) -> None:
+    """Raise `error` naming every non-empty (description, keys) group of `groups`, or with
+    strict=False only `warn` (the caller's logger, so the warning names its module) and go on.
+    The one check behind a checkpoint's and an adapter's weight names."""
+    problems = [f"{len(keys)} {what}: {key_list(keys)}" for what, keys in groups if keys]
     if not problems:
         return
-    report = f"The weights in {pretrained!r} do not match the model its config.json describes: {'; '.join(problems)}."
+    report = f"{subject}: {'; '.join(problems)}."
     if not strict:
-        log.warning("%s Loading anyway (strict_weights=False).", report)
+        warn("%s Loading anyway (strict_weights=False).", report)
         return
-    raise ValueError(f"{report} Use a complete checkpoint whose config.json matches its weights (n_layers / "
-                     "num_hidden_layers, parameter names), or pass strict_weights=False to load it anyway.")
+    raise error(f"{report} {fix}")
 
 
 def check_tokenizer_fits(tokenizer, config: dict, spec: FamilySpec, where: str, pretrained: str) -> None:

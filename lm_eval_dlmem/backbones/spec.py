@@ -238,8 +238,8 @@ DREAM = FamilySpec(
     bos_by_default=True,
 )
 
-LLADA_MOE = FamilySpec(
-    name="llada_moe",
+# LLaDA-MoE and LLaDA2.x share the Ling tokenizer: the same ids, no BOS, the same role markers.
+_LING_TOKENS = dict(
     mask_token="<|mask|>",
     mask_id=156895,
     eos_token="<|endoftext|>",
@@ -249,12 +249,17 @@ LLADA_MOE = FamilySpec(
     bos_token=None,
     bos_id=None,
     logit_shift=False,
-    chat_template=LING_CHAT_TEMPLATE,
     template_tokens=("<role>", "</role>", "<|role_end|>"),
+    special_tokens=("<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"),
+)
+
+LLADA_MOE = FamilySpec(
+    name="llada_moe",
+    **_LING_TOKENS,
+    chat_template=LING_CHAT_TEMPLATE,
     config_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "num_experts"),
     model_class="llada_moe:LLaDAMoEModelLM",
     official_config="llada_moe:official_config",
-    special_tokens=("<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"),
     tiny_sizes=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4,
                     num_hidden_layers=2, expert_intermediate_size=32, dense_intermediate_size=128,
                     num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=None),
@@ -265,22 +270,12 @@ LLADA_MOE = FamilySpec(
 
 LLADA2 = FamilySpec(
     name="llada2",
-    mask_token="<|mask|>",
-    mask_id=156895,
-    eos_token="<|endoftext|>",
-    eos_id=156892,
-    eot_token="<|role_end|>",
-    eot_id=None,
-    bos_token=None,
-    bos_id=None,
-    logit_shift=False,
+    **_LING_TOKENS,
     chat_template=LLADA2_CHAT_TEMPLATE,
-    template_tokens=("<role>", "</role>", "<|role_end|>"),
     config_keys=("hidden_size", "num_attention_heads", "num_hidden_layers", "num_experts",
                  "moe_intermediate_size"),
     model_class="llada2:LLaDA2MoeModelLM",
     official_config="llada2:official_config",
-    special_tokens=("<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"),
     # layer 0 dense, layer 1 MoE; 8 experts in 4 groups of which 2 are searched, as in the
     # released 256-expert / 8-group / top-4-group layout
     tiny_sizes=dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -4,6 +4,7 @@ resume from (`state.restore_trainer_state` reads it back) and `TrainerSetup`, wh
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -29,6 +30,25 @@ def cosine_lr(step: int, warmup: int, total: int, min_ratio: float = 0.1) -> flo
 def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
     """`cosine_lr` as a scheduler (its state dict is what checkpoints save)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, warmup, total, min_ratio))
+
+
+def add_batch_args(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """`--batch-size` / `--grad-accum` of the accelerate trainers (metastate, memdlm); the default
+    micro-batch is each trainer's."""
+    p.add_argument("--batch-size", type=int, default=batch_size, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+
+
+def add_schedule_args(p: argparse.ArgumentParser, *, max_steps: int, lr: float, warmup_steps: int,
+                      weight_decay: float) -> None:
+    """The flags of an AdamW run under `cosine_schedule` (pretrain, metastate); the step count, lr,
+    warmup and weight decay defaults are each trainer's, the floor and the clip are shared."""
+    p.add_argument("--max-steps", type=int, default=max_steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=lr, help="peak learning rate (AdamW)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
+    p.add_argument("--warmup-steps", type=int, default=warmup_steps, help="linear warmup steps")
+    p.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay (matrices only)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
 
 
 def find_resume(spec: str | None, output_dir: str) -> str | None:

@@ -36,7 +36,7 @@ from ..decoding.seeds import RANK_STRIDE, step_seed
 from ..memory.anchor import anchor_states
 from ..memory.fast_weights import FastWeightMemory, MemDLMConfig
 from .data import collate, load_pairs, tokenize_pairs
-from .common import find_resume
+from .common import add_batch_args, find_resume
 from .nll import static_nll
 from .state import restore_trainer_state, save_trainer_state
 CONFIG_NAME = "memdlm_training.json"
@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     # optimisation
     p.add_argument("--epochs", type=float, default=5.0, help="passes over the training data")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0 = use --epochs)")
-    p.add_argument("--batch-size", type=int, default=2, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    add_batch_args(p, batch_size=2)
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW peak learning rate")
     p.add_argument("--warmup-ratio", type=float, default=0.1, help="linear warmup share of the steps (then cosine to 0)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import TrainerSetup, cosine_schedule, find_resume
+from .common import TrainerSetup, add_batch_args, add_schedule_args, cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
 from ..decoding.forward import forward_step
 from ..decoding.strategies import rank_mask
@@ -235,14 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute the frozen backbone's blocks in backward (less activation memory, ~1 more forward)")
     # optimisation
-    p.add_argument("--max-steps", type=int, default=1000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch per process")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
-    p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    add_schedule_args(p, max_steps=1000, lr=3e-4, warmup_steps=50, weight_decay=0.01)
+    add_batch_args(p, batch_size=4)
     p.add_argument("--seed", type=int, default=0, help="seed of data order, masks and init")
     # checkpoints and logging
     p.add_argument("--output-dir", required=True, help="where the final MetaState, checkpoints and log go")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .common import TrainerSetup, cosine_schedule, find_resume
+from .common import TrainerSetup, add_schedule_args, cosine_schedule, find_resume
 from ..decoding.seeds import step_seed
 from .state import restore_trainer_state, save_trainer_state
 
@@ -222,12 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="drop pairs longer than this (pair data)")
     p.add_argument("--no-chat-template", action="store_true", help="pair data: plain prompt + response, no chat template")
     # optimisation
-    p.add_argument("--max-steps", type=int, default=600, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak")
-    p.add_argument("--warmup-steps", type=int, default=30, help="linear warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    add_schedule_args(p, max_steps=600, lr=2e-3, warmup_steps=30, weight_decay=0.1)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the masks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--compile", action="store_true",

@@ -39,8 +39,8 @@ def ruler_rows(task, length, tok, count, n=3):
 @pytest.mark.parametrize("task", ruler.SHORT_TASKS)
 def test_ruler_short_samples_fit_their_length(task, length, tiny_tok, count):
     if task not in ruler.tasks_at(str(length)):
-        assert ruler.SHORT_MIN_LENGTH[task] > length
-        pytest.skip(f"{task} starts at {ruler.SHORT_MIN_LENGTH[task]} tokens")
+        assert ruler.SHORT_MIN_LENGTH[task] > length  # not registered below its smallest haystack
+        return
     budget = ruler.tokens_to_generate(task, length)
     assert budget == length // 8
     for row in ruler_rows(task, length, tiny_tok, count):

@@ -212,10 +212,17 @@ def attention_bytes(shape: Shape, tokens: int, precision: str, cached: bool = Fa
     rope = 4 if shape.rope_fp32 else c
     copies = (q + kv) * 4 if shape.rope_fp32 and c < 4 else 0
     rotate = max(ROPE_TEMPS * rope * q, c * q + ROPE_TEMPS * rope * kv)
-    repeat = 2 * q * c if kv < q else 0
-    sdpa = (q + kv) * c + repeat + q * c
+    sdpa = (q + kv) * c + repeat_bytes(shape, 1, precision) + q * c
     own = (q if cached else q + 2 * kv) * c  # a filled cache holds this layer's k and v
     return tokens * (HELD_ATTENTION * shape.hidden * c + own + max(copies + rotate, sdpa))
+
+
+def repeat_bytes(shape: Shape, keys: int, precision: str) -> int:
+    """One row's keys and values repeated from Hkv to H heads for SDPA (GQA only) over `keys`
+    positions: a windowed step against a cache repeats the whole canvas's."""
+    if shape.kv_heads >= shape.heads:
+        return 0
+    return 2 * keys * shape.heads * shape.head_dim * compute_bytes(precision)
 
 
 def ffn_bytes(shape: Shape, tokens: int, precision: str, backward: bool = False) -> int:
@@ -368,11 +375,12 @@ def full_forward_row_bytes(shape: Shape, run: RunPlan) -> int:
 def window_forward_row_bytes(shape: Shape, run: RunPlan) -> int:
     """One request's later step with a cache: R rows forwarding the window (`prefix`: the
     block and everything after it, at most G; `dual`: the block) against the cache, with the
-    previous step's logits alive."""
+    previous step's logits alive; under GQA, SDPA repeats the cached keys and values."""
     if run.cache == "none":
         return 0
     window = max(1, run.gen_length) if run.cache == "prefix" else _block(run)
-    row = layer_bytes(shape, window, run.precision) + cache_bytes(shape, run.canvas, run.precision)
+    row = layer_bytes(shape, window, run.precision) + cache_bytes(shape, run.canvas, run.precision) \
+        + repeat_bytes(shape, run.canvas, run.precision)
     return run.rows_per_request * row + previous_logits_bytes(shape, run)
 
 

@@ -87,6 +87,11 @@ def test_cache_term_counts_keys_and_values_over_the_canvas(shape_8b):
     q, kv = 3584, 512
     assert mp.attention_bytes(dream, 10, "bfloat16") == 10 * 2 * (3 * 3584 + (q + 2 * kv) + (q + kv) + 2 * q + q)
     assert mp.attention_bytes(dream, 10, "bfloat16", cached=True) == 10 * 2 * (3 * 3584 + q + (q + kv) + 2 * q + q)
+    # a dual-cache step's SDPA repeats the whole cached canvas's keys and values to 28 heads
+    dual = mp.RunPlan(prompt=512, gen_length=256, cache="dual")
+    assert mp.window_forward_row_bytes(dream, dual) == (mp.layer_bytes(dream, 32, "bfloat16") + mp.cache_bytes(
+        dream, 768, "bfloat16") + 2 * 768 * q * 2 + mp.previous_logits_bytes(dream, dual))
+    assert mp.repeat_bytes(shape_8b, 768, "bfloat16") == 0  # no GQA, no copies
 
 
 def test_guidance_keeps_one_row_of_previous_logits(shape_8b):

@@ -2,19 +2,35 @@
 need at the worst moment of a decode or likelihood batch, from config.json alone.
 
     peak    = weights [+ MetaState parameters] + WORKSPACE + B * per_row        (linear in B)
-    per_row = max(R * max(block's live tensors + cache, LM head on the active block),
-                  MemDLM inner loop) + R * (MetaState state | MemDLM fast weights)
+    per_row = max(full forward, window forward, LM head, MemDLM inner loop) + memory state
+    full forward   = R * (max(attention, feed-forward) + cache) [+ previous step's logits]
+    attention      = 3 [l, C] held + q, k, v + RoPE temporaries (float32 copies for LLaDA)
+    feed-forward   = 4 [l, C] held + 3 [l, F]
 
 R = 1 row per request, 2 under classifier-free guidance. Sizes: P prompt, G generation,
 L = P + G canvas, n block length, C hidden, F feed-forward width a token passes through (MoE:
 top-k experts plus the shared ones), H heads, Hkv key/value heads, D head dim, V vocabulary,
-N layers.
+N layers. The [l, C] tensors held inside a block: the embedding output (kept by the model's
+forward), the block's input (kept by the block loop), the residual after attention and the
+normed input of the sub-layer.
+
+Where each term comes from (measured with `benchmarks/memory_check.py`, module by module):
+- the decode loop keeps a step's logits [B, n, V] alive through the next forward (`none` cache:
+  every step is a full forward); guided logits are [B, ...], not [2B, ...]; a block's first
+  step starts a fresh `decode_block` call, so a cache refresh has no previous logits;
+- a cache holds keys/values at Hkv heads; the refreshing forward's own k and v are the cache's;
+- the likelihood scores the masked continuation positions only: its float32 log-softmax covers
+  (b + 1) / 2b of them for a stratum of b rows;
+- MemDLM holds one copy of its fast weights per row while decoding; its inner loop holds
+  two (weights, gradients) in the first stage and three (the previous stage's graph leaves or
+  gradients stay referenced) in later ones, next to the masked tokens' cross-entropy.
 
 The weights are exact (the model built on the meta device and its parameters counted); the
-per-row terms count the tensors the code keeps alive, with the live-tensor counts below checked
-against measured peaks (the H200 rows of benchmarks/results/gpu_check_h200.md within 2%,
-`benchmarks/memory_check.py` on CPU; benchmarks/README.md). `batch_size=auto` starts at
-`largest_batch(free memory)`; the harness keeps halving on out-of-memory as the safety net.
+activations count the tensors the code keeps alive, checked against measured peaks (the H200
+rows of benchmarks/results/gpu_check_h200.md within 1%, `benchmarks/memory_check.py` on CPU in
+float32 within 10%; benchmarks/README.md). Not yet covered: bfloat16 MoE layers on CPU, which
+hold about twice the bytes counted here. `batch_size=auto` starts at `largest_batch(free memory)`;
+the harness keeps halving on out-of-memory as the safety net.
 """
 
 from __future__ import annotations
@@ -28,22 +44,27 @@ from .backbones.spec import get_spec
 
 GIB = 1024 ** 3
 
-# Live tensors at a layer's peak, in units of [R, l, C], [R, l, Hkv*D] and [R, l, F] in the
-# compute dtype: residual, normed input, q, the RoPE temporaries, k and v repeated to every head,
-# attention output / k and v as projected / gate (its activation), up and their product. Fitted
-# to measured peaks (benchmarks/memory_check.py); SDPA's fused kernels (CPU flash, CUDA flash /
-# memory-efficient) never hold [H, l, ctx] scores.
-LIVE_HIDDEN = 6
-LIVE_KV = 2
+# [l, C] tensors alive inside a block (see the module docstring): 3 in attention (embedding
+# output, block input, normed input), 4 in the feed-forward (plus the residual after attention);
+# the feed-forward's own: the gate's activation, up and their product.
+HELD_ATTENTION = 3
+HELD_FFN = 4
 LIVE_FFN = 3
+# RoPE of one [l, H*D] tensor: x * cos, the rotated half concatenated, times sin (their sum
+# replaces the first), in float32 for LLaDA (`rope_full_precision`), else the compute dtype.
+ROPE_TEMPS = 3
 # Batch-independent bytes of a decode or likelihood call (canvas, masks, allocator and kernel
 # workspace): measured 6 MiB on CPU.
 WORKSPACE = 8 * 2 ** 20
 # LM head at one decode step, bytes per logit on top of the logits themselves: the strategies'
 # float32 softmax and its confidences.
 HEAD_EXTRA_BYTES = 8
-# The likelihood's float32 log-softmax of the logits (plus their float32 copy below float32).
-LIKELIHOOD_HEAD_BYTES = 4
+# The likelihood's cross-entropy on the masked positions: their float32 logits gathered and their
+# log-softmax.
+LIKELIHOOD_MASKED_BYTES = 8
+# MemDLM's cross-entropy backward over the masked tokens: log-softmax kept, its gradient and the
+# logits' gradient [N, V] in float32.
+NLL_BACKWARD_TENSORS = 3
 # bitsandbytes NF4 with double quantisation (what `load_in_4bit` builds): 4 bits per weight, one
 # 8-bit absmax per 64 weights and one float32 absmax per 256 blocks of 64.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
@@ -87,6 +108,7 @@ class Shape:
             top-k experts and the shared ones): what a backward keeps for every expert at once.
         ffn_live: the feed-forward width alive at once in a forward: dense F; MoE experts run one
             after the other on their share of the tokens (k / E of them with balanced routing).
+        rope_fp32: the attention rotates float32 copies of q and k (LLaDA's `rope_full_precision`).
     """
 
     params: int
@@ -99,6 +121,7 @@ class Shape:
     ffn: int
     vocab: int
     ffn_live: int = 0
+    rope_fp32: bool = False
 
     @classmethod
     def from_config(cls, config: dict, family: str) -> "Shape":
@@ -115,7 +138,8 @@ class Shape:
                    heads=heads, kv_heads=int(config.get(keys.kv_heads) or heads),
                    head_dim=int(config.get("head_dim") or hidden // heads), ffn=ffn_width(config),
                    vocab=int(config.get("embedding_size") or config["vocab_size"]),
-                   ffn_live=ffn_width(config, live=True))
+                   ffn_live=ffn_width(config, live=True),
+                   rope_fp32=any(getattr(m, "rope_full_precision", False) for m in model.modules()))
 
 
     @classmethod
@@ -171,13 +195,43 @@ def cache_bytes(shape: Shape, canvas: int, precision: str) -> int:
     return 2 * shape.layers * canvas * shape.kv_heads * shape.head_dim * compute_bytes(precision)
 
 
-def layer_bytes(shape: Shape, tokens: int, precision: str, backward: bool = False) -> int:
-    """One row's live tensors inside one block forwarding `tokens` positions: LIVE_HIDDEN [l, C],
-    LIVE_KV [l, Hkv*D] and LIVE_FFN [l, F] tensors in the compute dtype (F: `ffn_live` in a
-    forward, all routed experts' `ffn` when a backward keeps them)."""
+def layer_bytes(shape: Shape, tokens: int, precision: str, backward: bool = False, cached: bool = False) -> int:
+    """One row's live tensors inside one block forwarding `tokens` positions: the larger of the
+    attention's and the feed-forward's (`attention_bytes`, `ffn_bytes`). `cached`: the forward
+    fills a cache, which holds this layer's rotated k and its v (counted by `cache_bytes`)."""
+    return max(attention_bytes(shape, tokens, precision, cached), ffn_bytes(shape, tokens, precision, backward))
+
+
+def attention_bytes(shape: Shape, tokens: int, precision: str, cached: bool = False) -> int:
+    """One row's attention at its peak, RoPE: HELD_ATTENTION [l, C], q [l, Q], k and v [l, K]
+    (Q = H*D, K = Hkv*D), then rotating q (ROPE_TEMPS [l, Q]) or k (rotated q kept, ROPE_TEMPS
+    [l, K]); with float32 RoPE below float32, the float32 copies of q and k on top. SDPA's fused
+    kernels never hold [H, l, ctx] scores, and its inputs (q, k rotated, k and v repeated to H
+    heads under GQA) and output stay below the RoPE peak unless Hkv << H."""
+    c = compute_bytes(precision)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    rope = 4 if shape.rope_fp32 else c
+    copies = (q + kv) * 4 if shape.rope_fp32 and c < 4 else 0
+    rotate = max(ROPE_TEMPS * rope * q, c * q + ROPE_TEMPS * rope * kv)
+    sdpa = (q + kv) * c + repeat_bytes(shape, 1, precision) + q * c
+    own = (q if cached else q + 2 * kv) * c  # a filled cache holds this layer's k and v
+    return tokens * (HELD_ATTENTION * shape.hidden * c + own + max(copies + rotate, sdpa))
+
+
+def repeat_bytes(shape: Shape, keys: int, precision: str) -> int:
+    """One row's keys and values repeated from Hkv to H heads for SDPA (GQA only) over `keys`
+    positions: a windowed step against a cache repeats the whole canvas's."""
+    if shape.kv_heads >= shape.heads:
+        return 0
+    return 2 * keys * shape.heads * shape.head_dim * compute_bytes(precision)
+
+
+def ffn_bytes(shape: Shape, tokens: int, precision: str, backward: bool = False) -> int:
+    """One row's feed-forward at its peak (the product of the gate's activation and up):
+    HELD_FFN [l, C] and LIVE_FFN [l, F] (F: `ffn_live` in a forward, all routed experts' `ffn`
+    when a backward keeps them)."""
     ffn = shape.ffn if backward or not shape.ffn_live else shape.ffn_live
-    kv = shape.kv_heads * shape.head_dim
-    return compute_bytes(precision) * tokens * (LIVE_HIDDEN * shape.hidden + LIVE_KV * kv + LIVE_FFN * ffn)
+    return compute_bytes(precision) * tokens * (HELD_FFN * shape.hidden + LIVE_FFN * ffn)
 
 
 def head_bytes(shape: Shape, positions: int, precision: str, extra: int = HEAD_EXTRA_BYTES) -> int:
@@ -200,20 +254,23 @@ def check_positive(**values) -> None:
 @dataclass(frozen=True)
 class MemoryCost:
     """What a memory method adds: `resident` bytes once (its parameters), `per_row` bytes per
-    forwarded row (state, fast weights), and the MemDLM inner loop's geometry.
+    request held through a decode (state, fast weights), and the MemDLM inner loop's geometry.
 
     Args:
         resident: bytes held for the whole run (MetaState's parameters).
-        per_row: bytes per row kept across a decode (MetaState slots, MemDLM fast weights with
-            their gradient and SGD update).
+        per_row: bytes per request kept across a decode (MetaState slots, one copy of MemDLM's
+            fast weights).
         fast_layers: blocks the inner loop backpropagates through (0: no inner loop).
-        mask_fraction: fraction of prompt tokens the inner loop's loss covers (pre-anchor states).
+        mask_fraction: fraction of prompt tokens the first stage's loss covers (the pre-anchor
+            state when there are two stages or more, else the anchor).
+        anchor_fraction: fraction the later stages' loss covers (the anchor); 0 with one stage.
     """
 
     resident: int = 0
     per_row: int = 0
     fast_layers: int = 0
     mask_fraction: float = 0.0
+    anchor_fraction: float = 0.0
 
     @classmethod
     def of(cls, memory) -> "MemoryCost":
@@ -225,12 +282,26 @@ class MemoryCost:
             cfg = inner.config
             return cls(resident=resident, per_row=4 * cfg.slots * cfg.width * 3)
         if hasattr(inner, "first_layer") and inner.config.inner_steps > 0:
-            r, cfg = inner.config.inner_rank, inner.config
-            fast = sum(r * (m.in_features + m.out_features) for m in inner.layers)
-            blocks = len(inner.backbone.layers) - inner.first_layer
-            return cls(per_row=4 * fast * 3, fast_layers=blocks,
-                       mask_fraction=min(1.0, cfg.inner_mask_ratio * cfg.pre_anchor_scale))
+            return cls._fast_weights(inner)
         return cls()
+
+    @classmethod
+    def _fast_weights(cls, memory) -> "MemoryCost":
+        """MemDLM: one row's fast LoRA [r, in] + [out, r] on every target projection, counted
+        from the targets the memory would wrap (it wraps them only inside a session), in the
+        embedding's dtype (what `reset` builds them in)."""
+        from .memory.fast_weights import TARGETS
+
+        cfg = memory.config
+        backbone = memory.backbone
+        targets = [getattr(parent, name) for parent, name, _ in TARGETS[cfg.inner_targets](backbone, cfg.inner_layer_fraction)]
+        linear = [getattr(m, "base_layer", m) for m in targets]
+        elements = sum(cfg.inner_rank * (m.in_features + m.out_features) for m in linear)
+        dtype = backbone.base_model.get_input_embeddings().weight.dtype
+        anchor = cfg.inner_mask_ratio
+        pre = min(1.0, anchor * cfg.pre_anchor_scale) if cfg.inner_steps > 1 else anchor
+        return cls(per_row=elements * dtype.itemsize, fast_layers=len(backbone.layers) - memory.first_layer,
+                   mask_fraction=pre, anchor_fraction=anchor if cfg.inner_steps > 1 else 0.0)
 
 
 @dataclass(frozen=True)
@@ -273,45 +344,99 @@ class RunPlan:
 
 
 def decode_row_bytes(shape: Shape, run: RunPlan) -> int:
-    """Bytes one request adds at the peak of a decode. The worst forward is a full-canvas one
-    (every step without a cache; each block's first step with one); its peak is inside a block
-    or at the LM head on the active block, whichever is larger (they are never alive together),
-    plus the cache over the canvas. The MemDLM inner loop runs before decoding, so the larger of
-    the two counts; the memory method's per-row state is held throughout."""
-    L, rows = run.canvas, run.rows_per_request
-    block = min(run.block_length, run.gen_length or 1)
-    layer = layer_bytes(shape, L, run.precision)
-    if run.cache != "none":  # the block's own keys/values are the ones the cache keeps
-        layer += cache_bytes(shape, L, run.precision) - LIVE_KV * L * shape.kv_heads * shape.head_dim * \
-            compute_bytes(run.precision)
-    step = max(layer, head_bytes(shape, block, run.precision))
-    return max(rows * step, inner_loop_row_bytes(shape, run)) + rows * run.memory.per_row
+    """Bytes one request adds at the peak of a decode: the largest of a full-canvas forward
+    (every step without a cache, a block's first step with one), a windowed forward against the
+    cache, the LM head on the active block, and the MemDLM inner loop (it runs before decoding);
+    plus the memory method's per-request state, held throughout."""
+    step = max(full_forward_row_bytes(shape, run), window_forward_row_bytes(shape, run), decode_head_bytes(shape, run))
+    return max(step, inner_loop_row_bytes(shape, run)) + run.memory.per_row
+
+
+def _block(run: RunPlan) -> int:
+    return min(run.block_length, run.gen_length or 1)
+
+
+def previous_logits_bytes(shape: Shape, run: RunPlan) -> int:
+    """The previous step's logits [n, V] of one request (after guidance: one row), which the
+    decode loop still holds while it forwards the next step of the same block."""
+    return _block(run) * shape.vocab * compute_bytes(run.precision)
+
+
+def full_forward_row_bytes(shape: Shape, run: RunPlan) -> int:
+    """One request's full-canvas forward: R rows of a block's live tensors over L positions and,
+    with a cache, the cache it fills; without a cache every step of a block after the first is
+    one, so the previous step's logits are alive too."""
+    cached = run.cache != "none"
+    row = layer_bytes(shape, run.canvas, run.precision, cached=cached)
+    if cached:
+        return run.rows_per_request * (row + cache_bytes(shape, run.canvas, run.precision))
+    return run.rows_per_request * row + previous_logits_bytes(shape, run)
+
+
+def window_forward_row_bytes(shape: Shape, run: RunPlan) -> int:
+    """One request's later step with a cache: R rows forwarding the window (`prefix`: the
+    block and everything after it, at most G; `dual`: the block) against the cache, with the
+    previous step's logits alive; under GQA, SDPA repeats the cached keys and values."""
+    if run.cache == "none":
+        return 0
+    window = max(1, run.gen_length) if run.cache == "prefix" else _block(run)
+    row = layer_bytes(shape, window, run.precision) + cache_bytes(shape, run.canvas, run.precision) \
+        + repeat_bytes(shape, run.canvas, run.precision)
+    return run.rows_per_request * row + previous_logits_bytes(shape, run)
+
+
+def decode_head_bytes(shape: Shape, run: RunPlan) -> int:
+    """One request's LM head on the active block: the fresh logits of its R rows, guidance's two
+    [n, V] temporaries and, without a cache, the previous step's logits; or the strategy's
+    float32 softmax and confidences (HEAD_EXTRA_BYTES a logit) on the guided logits."""
+    c = compute_bytes(run.precision)
+    forward = run.rows_per_request * c + (2 * c if run.cfg else 0) + (c if run.cache == "none" else 0)
+    return _block(run) * shape.vocab * max(forward, c + HEAD_EXTRA_BYTES)
 
 
 def inner_loop_row_bytes(shape: Shape, run: RunPlan) -> int:
     """One request's MemDLM inner loop on the prompt (`checkpointing` on, the released default):
     each fast block's input kept for the backward, then either one block recomputed with its
-    gradient tensors (twice a forward's, every routed expert's at once) or the float32 logits,
-    softmax and gradient of the masked tokens' cross-entropy [P * mask_fraction, V], whichever
-    is larger."""
+    gradient tensors (twice a forward's, every routed expert's at once) or the masked tokens'
+    cross-entropy backward (NLL_BACKWARD_TENSORS float32 [N, V]), whichever is larger; with
+    the fast weights: two copies in the first stage (weights, their gradients), three in the
+    later ones (the previous stage's gradients, and its graph's leaves, are still referenced),
+    whose loss covers the anchor only."""
     cost = run.memory
     if not cost.fast_layers:
         return 0
     P = run.prompt
     kept = cost.fast_layers * P * shape.hidden * compute_bytes(run.precision)
     block = 2 * layer_bytes(shape, P, run.precision, backward=True)
-    nll = 3 * 4 * math.ceil(P * cost.mask_fraction) * shape.vocab
-    return kept + max(block, nll)
+
+    def stage(fraction: float, copies: int) -> int:
+        nll = NLL_BACKWARD_TENSORS * 4 * math.ceil(P * fraction) * shape.vocab
+        return kept + max(block, nll) + copies * cost.per_row
+
+    first = stage(cost.mask_fraction, 2)
+    later = stage(cost.anchor_fraction, 3) if cost.anchor_fraction else 0
+    return max(first, later) - cost.per_row  # the held copy is `per_row` in decode_row_bytes
+
+
+def likelihood_masked_fraction(run: RunPlan) -> float:
+    """The largest share of continuation positions one likelihood forward masks: its
+    `mc_batch_size` = b rows are one stratum, whose mask counts step evenly through 1..T, so at
+    most T (b + 1) / 2 of the b T positions."""
+    b = run.mc_batch_size
+    return (b + 1) / (2 * b)
 
 
 def likelihood_row_bytes(shape: Shape, run: RunPlan) -> int:
     """Bytes of one Monte Carlo row of a likelihood forward: a full forward of prompt plus
-    continuation (`gen_length` here), its peak inside a block or at the float32 logits and
-    log-softmax over the continuation."""
-    step = max(layer_bytes(shape, run.canvas, run.precision),
-               head_bytes(shape, max(1, run.gen_length), run.precision,
-                          extra=LIKELIHOOD_HEAD_BYTES + (4 if compute_bytes(run.precision) < 4 else 0)))
-    return run.rows_per_request * (step + run.memory.per_row)
+    continuation (`gen_length` here), its peak inside a block or at the LM head over the
+    continuation: the logits (R rows; below float32 their float32 copy; under guidance two
+    float32 temporaries), then the cross-entropy of the masked positions."""
+    c = compute_bytes(run.precision)
+    R = run.rows_per_request
+    logits = max(R * (c + (4 if c < 4 else 0)), R * 4 + (8 if run.cfg else 0))
+    ce = 4 + LIKELIHOOD_MASKED_BYTES * likelihood_masked_fraction(run)
+    head = int(max(1, run.gen_length) * shape.vocab * max(logits, ce))
+    return max(R * layer_bytes(shape, run.canvas, run.precision), head) + R * run.memory.per_row
 
 
 def resident_bytes(shape: Shape, run: RunPlan) -> int:

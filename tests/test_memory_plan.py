@@ -75,24 +75,73 @@ def test_cache_term_counts_keys_and_values_over_the_canvas(shape_8b):
     none = mp.RunPlan(prompt=512, gen_length=256, cache="none")
     for mode in ("prefix", "dual"):
         extra = batch_term(shape_8b, dataclasses.replace(none, cache=mode), 1) - batch_term(shape_8b, none, 1)
-        # K and V, 32 layers, 768 positions, 4096 wide, bf16; the forwarded block's own k and v
-        # (counted among its live tensors) are the ones the cache keeps
-        assert extra == 2 * 32 * 768 * 4096 * 2 - mp.LIVE_KV * 768 * 4096 * 2
+        # K and V, 32 layers, 768 positions, 4096 wide, bf16; the refreshing forward's own k and v
+        # (otherwise among its attention's tensors) are the ones the cache keeps; a block's first
+        # step runs in a fresh decode_block call, so no previous logits [32, V] are alive then
+        assert extra == 2 * 32 * 768 * 4096 * 2 - 2 * 768 * 4096 * 2 - 32 * 126464 * 2
     dream = released("dream", dict(hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
                                    num_hidden_layers=28, intermediate_size=18944), 152064)
     assert mp.cache_bytes(dream, 768, "bfloat16") == 2 * 28 * 768 * 4 * 128 * 2  # GQA: 4 kv heads
+    # GQA: q [l, 28*128], k and v [l, 4*128]; SDPA's inputs (q and k rotated, k and v repeated
+    # to 28 heads) and output outweigh the rotation of q
+    q, kv = 3584, 512
+    assert mp.attention_bytes(dream, 10, "bfloat16") == 10 * 2 * (3 * 3584 + (q + 2 * kv) + (q + kv) + 2 * q + q)
+    assert mp.attention_bytes(dream, 10, "bfloat16", cached=True) == 10 * 2 * (3 * 3584 + q + (q + kv) + 2 * q + q)
+    # a dual-cache step's SDPA repeats the whole cached canvas's keys and values to 28 heads
+    dual = mp.RunPlan(prompt=512, gen_length=256, cache="dual")
+    assert mp.window_forward_row_bytes(dream, dual) == (mp.layer_bytes(dream, 32, "bfloat16") + mp.cache_bytes(
+        dream, 768, "bfloat16") + 2 * 768 * q * 2 + mp.previous_logits_bytes(dream, dual))
+    assert mp.repeat_bytes(shape_8b, 768, "bfloat16") == 0  # no GQA, no copies
+
+
+def test_guidance_keeps_one_row_of_previous_logits(shape_8b):
+    """The decode loop holds the previous step's logits through the next full forward: after
+    guidance they are [B, n, V], not [2B, n, V] (measured: llada-m batch 2 under CFG, 73 MiB,
+    against batch 4 without, 81 MiB)."""
+    run = mp.RunPlan(prompt=512, gen_length=256, cache="none")
+    guided = dataclasses.replace(run, cfg=True)
+    previous = 32 * 126464 * 2
+    assert mp.previous_logits_bytes(shape_8b, run) == previous
+    assert batch_term(shape_8b, run, 1) == mp.layer_bytes(shape_8b, 768, "bfloat16") + previous
+    assert batch_term(shape_8b, guided, 1) == 2 * mp.layer_bytes(shape_8b, 768, "bfloat16") + previous
 
 
 def test_activation_terms_scale_with_their_sizes(shape_8b):
-    one = mp.layer_bytes(shape_8b, 100, "bfloat16")
-    assert one == 2 * 100 * (mp.LIVE_HIDDEN * 4096 + mp.LIVE_KV * 4096 + mp.LIVE_FFN * 12288)
-    assert mp.layer_bytes(shape_8b, 100, "float32") == 2 * one
-    assert mp.layer_bytes(shape_8b, 200, "bfloat16") == 2 * one
-    assert mp.head_bytes(shape_8b, 32, "bfloat16") == 32 * 126464 * (2 + mp.HEAD_EXTRA_BYTES)
+    C, F = 4096, 12288
+    # feed-forward: embedding output, block input, residual, normed input; gate's activation, up, product
+    assert mp.ffn_bytes(shape_8b, 100, "bfloat16") == 2 * 100 * (4 * C + 3 * F)
+    assert mp.ffn_bytes(shape_8b, 100, "float32") == 2 * mp.ffn_bytes(shape_8b, 100, "bfloat16")
+    # LLaDA rotates float32 copies of q and k: below float32 they are extra tensors, and the
+    # rotation's three temporaries are float32 (rotating k, with the rotated q kept, is the peak)
+    assert shape_8b.rope_fp32
+    assert mp.attention_bytes(shape_8b, 100, "bfloat16") == 100 * (2 * 3 * C + 2 * 3 * C + 4 * 2 * C + 2 * C + 12 * C)
+    assert mp.attention_bytes(shape_8b, 100, "float32") == 100 * (4 * 3 * C + 4 * 3 * C + 4 * C + 12 * C)
+    # bf16 peaks in the attention (measured on CPU: llada-m, 50 MiB there against 41 in the
+    # feed-forward), float32 in the feed-forward (81 against 68)
+    assert mp.layer_bytes(shape_8b, 100, "bfloat16") == mp.attention_bytes(shape_8b, 100, "bfloat16")
+    assert mp.layer_bytes(shape_8b, 100, "float32") == mp.ffn_bytes(shape_8b, 100, "float32")
+    assert mp.layer_bytes(shape_8b, 200, "bfloat16") == 2 * mp.layer_bytes(shape_8b, 100, "bfloat16")
     # a decode step's peak is the larger of a block's tensors and the head's, never their sum
     run = mp.RunPlan(prompt=500, gen_length=28, block_length=32)
-    assert mp.decode_row_bytes(shape_8b, run) == max(mp.layer_bytes(shape_8b, 528, "bfloat16"),
-                                                     mp.head_bytes(shape_8b, 28, "bfloat16"))
+    assert mp.decode_row_bytes(shape_8b, run) == max(mp.layer_bytes(shape_8b, 528, "bfloat16") + 28 * 126464 * 2,
+                                                     mp.decode_head_bytes(shape_8b, run))
+    assert mp.decode_head_bytes(shape_8b, run) == 28 * 126464 * (2 + mp.HEAD_EXTRA_BYTES)
+
+
+def test_likelihood_scores_the_masked_positions_in_float32():
+    """A stratum of b rows masks at most (b + 1) / 2b of the continuation; the cross-entropy
+    gathers those logits and their log-softmax in float32 on top of the logits (measured: llada-m,
+    16 rows, 135 MiB, where every position counted gave 161)."""
+    assert mp.likelihood_masked_fraction(mp.RunPlan(mc_batch_size=16)) == 17 / 32
+    assert mp.likelihood_masked_fraction(mp.RunPlan(mc_batch_size=1)) == 1.0
+    shape = released("llada", dict(d_model=512, n_heads=8, n_kv_heads=8, n_layers=6, mlp_hidden_size=1536), 32768)
+    run = mp.RunPlan(precision="float32", prompt=256, gen_length=32, mc_batch_size=16)
+    assert mp.likelihood_row_bytes(shape, run) == int(32 * 32768 * (4 + 8 * 17 / 32))
+    # bfloat16: the logits are upcast (the bf16 ones freed), the cross-entropy is the same
+    bf16 = dataclasses.replace(run, precision="bfloat16", mc_batch_size=32)
+    assert mp.likelihood_row_bytes(shape, bf16) == int(32 * 32768 * (4 + 8 * 33 / 64))
+    # guidance: both rows' float32 logits and the two temporaries of the guided difference
+    assert mp.likelihood_row_bytes(shape, dataclasses.replace(run, cfg=True)) == 32 * 32768 * (2 * 4 + 8)
 
 
 def test_llada2_counts_its_dense_first_layer():
@@ -111,14 +160,38 @@ def test_memory_methods_cost(tiny_ckpts):
     cost = mp.MemoryCost.of(ms)
     assert cost.resident == sum(p.numel() * 4 for p in ms.parameters()) and cost.fast_layers == 0
     fw = FastWeightMemory(bb, MemDLMConfig(inner_targets="ffn", inner_layer_fraction=1.0))
-    cost = mp.MemoryCost.of(fw)
+    cost = mp.MemoryCost.of(fw)  # before any session: the targets are not wrapped yet
+    fw.install()
     r = MemDLMConfig.inner_rank
-    assert cost.fast_layers == len(bb.layers) and cost.per_row == 3 * 4 * r * sum(
-        m.in_features + m.out_features for m in fw.layers)
+    fast = 4 * r * sum(m.in_features + m.out_features for m in fw.layers)
+    fw.remove()
+    assert fast > 0 and cost.fast_layers == len(bb.layers) and cost.per_row == fast
+    assert cost.mask_fraction == pytest.approx(0.3) and cost.anchor_fraction == pytest.approx(0.2)
     assert mp.MemoryCost.of(FastWeightMemory(bb, MemDLMConfig(inner_steps=0))) == mp.MemoryCost()
     shape = mp.Shape.from_config(bb.config.to_dict(), "llada")
     run = mp.RunPlan(prompt=64, gen_length=32, memory=cost)
     assert mp.decode_row_bytes(shape, run) > mp.decode_row_bytes(shape, mp.RunPlan(prompt=64, gen_length=32))
+
+
+def test_inner_loop_counts_fast_weight_copies_per_stage():
+    """MemDLM's inner loop: the first (pre-anchor) stage holds the fast weights and their
+    gradients, later (anchor) stages also the previous stage's; the cross-entropy backward over
+    the masked tokens, three float32 [N, V] (measured: moe-m, 4 rows, 119 MiB, predicted 68
+    with the fast weights left out)."""
+    shape = released("llada_moe", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
+                                       num_hidden_layers=4, expert_intermediate_size=256,
+                                       dense_intermediate_size=1024, num_experts=16, num_experts_per_tok=4), 16384)
+    fast = 6 * 2 ** 20
+    cost = mp.MemoryCost(per_row=fast, fast_layers=2, mask_fraction=0.3, anchor_fraction=0.2)
+    run = mp.RunPlan(precision="float32", prompt=256, gen_length=64, memory=cost)
+    kept = 2 * 256 * 256 * 4
+    block = 2 * mp.layer_bytes(shape, 256, "float32", backward=True)
+    first = kept + max(block, 3 * 4 * 77 * 16384) + 2 * fast
+    later = kept + max(block, 3 * 4 * 52 * 16384) + 3 * fast
+    assert later > first  # the third copy outweighs the smaller anchor mask here
+    assert mp.decode_row_bytes(shape, run) == later  # the held copy is one of the three
+    one_stage = dataclasses.replace(run, memory=dataclasses.replace(cost, anchor_fraction=0.0))
+    assert mp.decode_row_bytes(shape, one_stage) == first
 
 
 def test_largest_batch_fits_the_free_memory(shape_8b):

@@ -475,9 +475,14 @@ def free_bytes(device) -> int:
 
 def plan_line(name: str, run: RunPlan, shape: Shape, free: int, batch: int) -> str:
     """The one-line plan printed before a run."""
-    return (f"memory plan: {name}, {run.precision}, weights {weight_bytes(shape, run.precision) / GIB:.2f} GiB, "
-            f"{decode_row_bytes(shape, run) / 2**20:.1f} MiB per request (canvas {run.canvas}, cache={run.cache}"
-            f"{', cfg x2' if run.cfg else ''}), free {free / GIB:.1f} GiB -> batch_size {batch}")
+    return (f"memory plan: {name}, {run.precision}, weights {human_bytes(weight_bytes(shape, run.precision))}, "
+            f"{human_bytes(decode_row_bytes(shape, run))} per request (canvas {run.canvas}, cache={run.cache}"
+            f"{', cfg x2' if run.cfg else ''}), free {human_bytes(free)} -> batch_size {batch}")
+
+
+def human_bytes(n: int) -> str:
+    """1.5 GiB / 41.8 MiB: GiB from 1 GiB up, MiB below (a tiny model's weights are not 0.00 GiB)."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def precision_of(backbone, load_in_4bit: bool = False, load_in_8bit: bool = False) -> str:

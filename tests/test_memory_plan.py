@@ -235,12 +235,12 @@ def test_auto_batch_starts_at_the_planned_batch(tiny_ckpts, monkeypatch, capsys)
     assert line.startswith("memory plan: ") and f"batch_size {expected}" in line and "float32" in line
     weights = mp.weight_bytes(shape, "float32")
     assert f"weights {weights / 2**20:.1f} MiB" in line and "free 64.0 MiB" in line  # tiny sizes not shown as 0.00 GiB
+    lm.args.max_batch_size = 2  # what the out-of-memory backoff sets
+    assert lm.batch_sizer.n() == 2
 
 
 def test_human_bytes_switches_to_gib_at_one_gib():
     assert mp.human_bytes(mp.GIB - 2**20) == "1023.0 MiB" and mp.human_bytes(3 * mp.GIB // 2) == "1.50 GiB"
-    lm.args.max_batch_size = 2  # what the out-of-memory backoff sets
-    assert lm.batch_sizer.n() == 2
 
 
 def test_fixed_batch_is_kept_and_reported(tiny_ckpts, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -107,3 +108,27 @@ def test_new_model_has_official_llada_config(tokenizer_dir, tmp_path):
     cfg = model.config
     assert cfg.architectures == ["LLaDAModelLM"] and cfg.d_model == 32 and cfg.n_layers == 2
     assert cfg.mask_token_id == tok.mask_token_id and cfg.vocab_size % 64 == 0 and cfg.vocab_size >= len(tok)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "no CUDA GPU visible to torch; use --device cpu"),
+    ("gpu0", "is not a device name: use cpu or cuda[:N]"),
+    ("meta", "only cpu and cuda[:N] are supported"),
+])
+def test_device_flag_refuses_what_it_cannot_train_on(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        P.training_device(device)
+
+
+def test_device_flag_trains_where_it_says(tokenizer_dir, tmp_path):
+    """`--device cpu` given explicitly is the default run: same weights, batches moved to the model."""
+    common = ["--tokenizer", tokenizer_dir, *TINY, "--max-steps", "2", "--eval-every", "0", "--save-every", "0"]
+    P.main(["--output-dir", str(tmp_path / "default"), *common])
+    P.main(["--output-dir", str(tmp_path / "cpu"), *common, "--device", "cpu"])
+    a, b = load_file(tmp_path / "default" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    batch = {"input_ids": torch.ones(1, 2, dtype=torch.long), "tasks": ["vt"]}
+    moved = P.on_device(batch, torch.device("meta"))
+    assert moved["input_ids"].device.type == "meta" and moved["tasks"] == ["vt"]

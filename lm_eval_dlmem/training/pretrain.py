@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_args(p, max_steps=600, lr=2e-3, warmup_steps=30, weight_decay=0.1)
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the masks")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu",
+                   help="where the model trains: cpu (default) or cuda[:N]; masks and data are drawn on the CPU either way, "
+                        "so a run sees the same masks on both (the weights differ by the device's float rounding)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (dynamic shapes: one compile of a minute or two, then ~2-3x faster steps on CPU)")
     # checkpoints and logging
@@ -310,7 +313,7 @@ def setup(args) -> PretrainSetup:
         model = new_model(args, tokenizer)
     else:
         raise ValueError("Pass --tokenizer DIR to train a new model, or --init-from CHECKPOINT to continue one.")
-    model.train()
+    model.to(training_device(args.device)).train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -318,6 +321,24 @@ def setup(args) -> PretrainSetup:
     scheduler = cosine_schedule(optimizer, args.warmup_steps, args.max_steps, args.min_lr_ratio)
     step = restore_trainer_state(resume, optimizer, scheduler) if resume else 0
     return PretrainSetup(model, optimizer, scheduler, step, resume, tokenizer=tokenizer)
+
+
+def training_device(name: str) -> torch.device:
+    """`--device` as a torch.device; a CUDA device this machine does not have is one clear error."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a device name: use cpu or cuda[:N] ({e}).") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA GPU visible to torch; use --device cpu.")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported.")
+    return device
+
+
+def on_device(batch: dict, device) -> dict:
+    """The batch's tensors moved to `device` (task names and other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def train_step(model, optimizer, scheduler, batch, cfg, mask_id, step, args, forward=None) -> float:
@@ -344,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, optimizer, scheduler, step = run.model, run.tokenizer, run.optimizer, run.scheduler, run.step
     spec = LLADA.resolve(tokenizer)
     batches, evals = make_data(args, tokenizer, spec.eos_id)
+    device = next(model.parameters()).device
+    evals = [on_device(b, device) for b in evals]
     os.makedirs(args.output_dir, exist_ok=True)
     log = open(os.path.join(args.output_dir, "train_log.jsonl"), "a")
 
@@ -359,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=args.max_steps, initial=step, desc=f"{args.mode}", dynamic_ncols=True)
     start, cpu_start, ema = time.time(), time.process_time(), None
     while step < args.max_steps:
-        loss = train_step(model, optimizer, scheduler, batches[step], cfg, spec.mask_id, step, args, forward)
+        loss = train_step(model, optimizer, scheduler, on_device(batches[step], device), cfg, spec.mask_id, step, args,
+                          forward)
         step += 1
         ema = loss if ema is None else 0.95 * ema + 0.05 * loss
         bar.update(1)

@@ -1,4 +1,8 @@
-"""Batches the backbone tests share (imported as `from _batches import ...`, like _harness_runs)."""
+"""Batches and checkpoint copies the backbone tests share (imported as `from _batches import ...`,
+like _harness_runs)."""
+
+import json
+import shutil
 
 import torch
 
@@ -18,3 +22,14 @@ def left_padded_batch(bb, lengths=(24, 17, 9), seed=0):
 @torch.no_grad()
 def logits(bb, ids, mask=None, **kw):
     return bb.logits(ids, mask, **kw)
+
+
+def copy_with_config(src, dst, **changes) -> str:
+    """A copy of checkpoint `src` at `dst` whose config.json has `changes` applied."""
+    shutil.copytree(src, dst)
+    with open(f"{dst}/config.json") as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(f"{dst}/config.json", "w") as f:
+        json.dump(config, f)
+    return str(dst)

@@ -7,12 +7,11 @@ ship); these tests hold the properties the decoder, the harness and training rel
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 
 import pytest
 import torch
-from _batches import left_padded_batch as _batch, logits as _logits
+from _batches import copy_with_config, left_padded_batch as _batch, logits as _logits
 from safetensors import safe_open
 
 from lm_eval_dlmem.backbones import detect_family, load_backbone
@@ -318,16 +317,6 @@ def _loss(bb, ids, mask):
     return torch.nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
 
 
-def _write_config(src, dst, **changes):
-    shutil.copytree(src, dst)
-    with open(f"{dst}/config.json") as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(f"{dst}/config.json", "w") as f:
-        json.dump(config, f)
-    return str(dst)
-
-
 def test_clear_errors_for_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="not an existing directory. Check the path"):
         load_backbone(str(tmp_path / "no" / "such" / "ckpt"))
@@ -338,7 +327,7 @@ def test_clear_errors_for_missing_paths(tmp_path):
 
 
 def test_clear_error_for_an_unknown_architecture(tiny_ckpts, tmp_path):
-    path = _write_config(tiny_ckpts["dream"], tmp_path / "llama", model_type="llama",
+    path = copy_with_config(tiny_ckpts["dream"], tmp_path / "llama", model_type="llama",
                          architectures=["LlamaForCausalLM"])
     with pytest.raises(ValueError, match="none of the supported families.*family="):
         load_backbone(path)
@@ -349,7 +338,7 @@ def test_clear_error_for_an_unknown_architecture(tiny_ckpts, tmp_path):
 @pytest.mark.parametrize("family,key", [("llada", "activation_type"), ("dream", "hidden_act"),
                                         ("llada_moe", "hidden_act")])
 def test_clear_error_for_a_non_silu_activation(family, key, tiny_ckpts, tmp_path):
-    path = _write_config(tiny_ckpts[family], tmp_path / family, **{key: "gelu"})
+    path = copy_with_config(tiny_ckpts[family], tmp_path / family, **{key: "gelu"})
     with pytest.raises(ValueError, match="gelu") as err:
         load_backbone(path)
     assert "silu" in str(err.value)

@@ -9,11 +9,10 @@ for it, and left-padded rows equal to the same rows run alone.
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from _batches import left_padded_batch as _batch, logits as _logits
+from _batches import copy_with_config, left_padded_batch as _batch, logits as _logits
 from safetensors import safe_open
 
 from lm_eval_dlmem.backbones import detect_family, load_backbone
@@ -33,16 +32,6 @@ def bb(ckpt):
     return load_backbone(ckpt, dtype="float32")
 
 
-
-
-def _copy_with_config(src, dst, **changes):
-    shutil.copytree(src, dst)
-    with open(f"{dst}/config.json") as f:
-        config = json.load(f)
-    config.update(changes)
-    with open(f"{dst}/config.json", "w") as f:
-        json.dump(config, f)
-    return str(dst)
 
 
 # --- official format -----------------------------------------------------------------------
@@ -108,7 +97,7 @@ def test_from_pretrained_loads_the_expert_bias(bb, ckpt):
 def test_detection_of_every_released_model_type(model_type, ckpt, tmp_path):
     """LLaDA2 configs have MoE keys and "LLaDA" in their architecture, which the LLaDA-MoE rule
     also matches: LLaDA2 must win for each model_type in the wild."""
-    path = _copy_with_config(ckpt, tmp_path / model_type, model_type=model_type)
+    path = copy_with_config(ckpt, tmp_path / model_type, model_type=model_type)
     with open(f"{path}/config.json") as f:
         config = json.load(f)
     assert detect_family(config) == "llada2"
@@ -133,7 +122,7 @@ def test_official_config_defaults_and_traps():
     ({"topk_group": 5}, "topk_group=5"),
 ])
 def test_clear_errors_for_unsupported_configs(changes, match, ckpt, tmp_path):
-    path = _copy_with_config(ckpt, tmp_path / "bad", **changes)
+    path = copy_with_config(ckpt, tmp_path / "bad", **changes)
     with pytest.raises(ValueError, match=match):
         load_backbone(path)
 

@@ -61,20 +61,14 @@ def train(out: str, mode: str, steps: int) -> float:
 def accuracy(backbone, memory, examples, config, batch_size=8) -> tuple[float, float, int]:
     """Decoding with `config`: (mean held-out task score 0-100, answer token accuracy in %: the
     share of response tokens, its EOS included, decoded at their exact position, n)."""
-    from lm_eval_dlmem.decoding.engine import generate, left_pad
-    from lm_eval_dlmem.training.tiny_default import score
+    from lm_eval_dlmem.training.tiny_default import decoded_answers, score
 
     scores, hits, total = [], 0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        ids, mask = left_pad([e["input_ids"][: e["prompt_len"]] for e in chunk], backbone.spec.eos_id)
-        out = generate(backbone, ids, mask, config, memory)
-        for e, row in zip(chunk, out.tolist()):
-            stop = next((k for k, t in enumerate(row) if t in backbone.spec.stop_ids), len(row))
-            scores.append(score(e, backbone.tokenizer.decode(row[:stop], skip_special_tokens=True)))
-            ref = e["input_ids"][e["prompt_len"]:]
-            hits += sum(a == b for a, b in zip(row, ref))
-            total += len(ref)
+    for e, row, text in decoded_answers(backbone, memory, examples, config, batch_size):
+        scores.append(score(e, text))
+        ref = e["input_ids"][e["prompt_len"]:]
+        hits += sum(a == b for a, b in zip(row, ref))
+        total += len(ref)
     return round(sum(scores) / len(scores), 2), round(100 * hits / total, 2), len(scores)
 
 

@@ -188,20 +188,30 @@ def heldout_accuracy(backbone, memory, examples: list[dict], gen_length: int = 3
         {task: (mean score, standard error, n)} and "all".
     """
     from ..decoding.config import DecodeConfig
-    from ..decoding.engine import generate, left_pad
 
     cfg = DecodeConfig(gen_length=gen_length, steps=gen_length, block_length=gen_length)
     scores: dict[str, list[float]] = {}
+    for e, _, text in decoded_answers(backbone, memory, examples, cfg, batch_size):
+        scores.setdefault(e["task"], []).append(score(e, text))
+    scores["all"] = [s for v in list(scores.values()) for s in v]
+    return {k: _mean_se(v) for k, v in scores.items()}
+
+
+def decoded_answers(backbone, memory, examples: list[dict], config, batch_size: int = 8):
+    """Decode each example's prompt with `config` in left-padded batches of `batch_size`.
+
+    Yields:
+        (example, the decoded row [gen_length] token ids, its text up to the first stop token).
+    """
+    from ..decoding.engine import generate, left_pad
+
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         ids, mask = left_pad([e["input_ids"][: e["prompt_len"]] for e in chunk], backbone.spec.eos_id)
-        out = generate(backbone, ids, mask, cfg, memory)
+        out = generate(backbone, ids, mask, config, memory)
         for e, row in zip(chunk, out.tolist()):
             stop = next((k for k, t in enumerate(row) if t in backbone.spec.stop_ids), len(row))
-            text = backbone.tokenizer.decode(row[:stop], skip_special_tokens=True)
-            scores.setdefault(e["task"], []).append(score(e, text))
-    scores["all"] = [s for v in list(scores.values()) for s in v]
-    return {k: _mean_se(v) for k, v in scores.items()}
+            yield e, row, backbone.tokenizer.decode(row[:stop], skip_special_tokens=True)
 
 
 def _mean_se(values: list[float]) -> tuple[float, float, int]:

@@ -363,6 +363,13 @@ def peaked_checkpoint(ctx: Context, family: str) -> str:
     return path if os.path.isdir(path) else make_tiny_checkpoint(family, path, seed=1, **PEAKED[family])
 
 
+def agreement_cases(ctx: Context) -> list:
+    """(name, () -> checkpoint path) the bf16 and NF4 sections compare: each family's tiny peaked
+    checkpoint (made on first use) and the trained tiny-llada."""
+    cases = [(f, lambda f=f: peaked_checkpoint(ctx, f)) for f in FAMILIES]
+    return cases + [("llada (trained tiny-llada)", lambda: "tiny-llada")]
+
+
 @torch.no_grad()
 def against_cpu_float32(ctx: Context, path: str, **load):
     """(logits on the device loaded with `load`, float32 logits on CPU, the device backbone, the
@@ -388,8 +395,7 @@ def agreement(got: torch.Tensor, ref: torch.Tensor) -> str:
 
 def section_bf16(ctx: Context) -> None:
     """bf16 on the device against float32 on CPU, per family and on the trained tiny-llada."""
-    cases = [(f, lambda f=f: peaked_checkpoint(ctx, f)) for f in FAMILIES]
-    cases.append(("llada (trained tiny-llada)", lambda: "tiny-llada"))
+    cases = agreement_cases(ctx)
     for name, path in cases:
         what = f"{name}: bf16 on {ctx.plan.device} vs fp32 on cpu"
 
@@ -403,8 +409,7 @@ def section_bf16(ctx: Context) -> None:
 
 def section_nf4(ctx: Context) -> None:
     """NF4 (bitsandbytes) loading and a forward on the device, against float32 on CPU."""
-    cases = [(f, lambda f=f: peaked_checkpoint(ctx, f)) for f in FAMILIES]
-    cases.append(("llada (trained tiny-llada)", lambda: "tiny-llada"))
+    cases = agreement_cases(ctx)
     for name, path in cases:
         what = f"{name}: load_in_4bit + forward on {ctx.plan.device}"
 

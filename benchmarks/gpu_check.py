@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lm_eval_dlmem.memory.base import MemoryWrapper
+from lm_eval_dlmem.memory_plan import human_bytes as gib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("llada", "dream", "llada_moe")
@@ -228,10 +229,6 @@ class Context:
         gc.collect()
         if self.cuda:
             torch.cuda.empty_cache()
-
-
-def gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def predicted(bb, config=None, batch: int = 1, prompt: int = 0, memory=None, mc_batch_size: int = 0) -> str:

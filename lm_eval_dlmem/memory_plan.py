@@ -22,8 +22,7 @@ Where each term comes from (measured with `benchmarks/memory_check.py`, module b
 - the likelihood scores the masked continuation positions only: its float32 log-softmax covers
   (b + 1) / 2b of them for a stratum of b rows;
 - MemDLM holds one copy of its fast weights per row while decoding; its inner loop holds
-  two (weights, gradients) in the first stage and three (the previous stage's graph leaves or
-  gradients stay referenced) in later ones, next to the masked tokens' cross-entropy.
+  two (weights, gradients) in each stage, next to the masked tokens' cross-entropy.
 
 The weights are exact (the model built on the meta device and its parameters counted); the
 activations count the tensors the code keeps alive, checked against measured peaks (the H200
@@ -399,9 +398,8 @@ def inner_loop_row_bytes(shape: Shape, run: RunPlan) -> int:
     each fast block's input kept for the backward, then either one block recomputed with its
     gradient tensors (twice a forward's, every routed expert's at once) or the masked tokens'
     cross-entropy backward (NLL_BACKWARD_TENSORS float32 [N, V]), whichever is larger; with
-    the fast weights: two copies in the first stage (weights, their gradients), three in the
-    later ones (the previous stage's gradients, and its graph's leaves, are still referenced),
-    whose loss covers the anchor only."""
+    the fast weights: two copies in each stage (weights, their gradients; a stage frees the
+    previous one's before its forward); the later stages' loss covers the anchor only."""
     cost = run.memory
     if not cost.fast_layers:
         return 0
@@ -414,7 +412,7 @@ def inner_loop_row_bytes(shape: Shape, run: RunPlan) -> int:
         return kept + max(block, nll) + copies * cost.per_row
 
     first = stage(cost.mask_fraction, 2)
-    later = stage(cost.anchor_fraction, 3) if cost.anchor_fraction else 0
+    later = stage(cost.anchor_fraction, 2) if cost.anchor_fraction else 0
     return max(first, later) - cost.per_row  # the held copy is `per_row` in decode_row_bytes
 
 

@@ -138,6 +138,39 @@ def test_inner_loop_lowers_the_prompt_loss_it_optimises(backbones, family):
     assert (after < before).all(), (before, after)
 
 
+def test_a_stage_frees_the_previous_stages_gradients_before_its_forward(backbones, monkeypatch):
+    """The memory model counts two fast-weight copies per inner stage (weights, gradients): the
+    previous stage's gradients must be gone when the next stage's forward starts."""
+    import weakref
+
+    bb = backbones["llada"]
+    ids, attn, _ = prompts(bb, [32, 32], gen_len=0, seed=1)
+    maskable = attn.bool()
+    mem = FastWeightMemory(bb, MemDLMConfig(inner_steps=3))
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    mem.install()
+    mem.reset(gens)
+    states = anchor_states(maskable, prompt_anchor(maskable, 0.2, gens), 3, 1.5, gens)
+    grads, alive_at_forward = [], []
+    real_grad, real_loss = torch.autograd.grad, mem.stage_loss
+
+    def recording_grad(*args, **kwargs):
+        out = real_grad(*args, **kwargs)
+        grads.extend(weakref.ref(g) for g in out if g is not None)
+        return out
+
+    def checked_loss(*args, **kwargs):
+        alive_at_forward.append(sum(r() is not None for r in grads))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    monkeypatch.setattr(mem, "stage_loss", checked_loss)
+    mem.adapt(ids, attn, states, maskable)
+    mem.remove()
+    assert len(alive_at_forward) == 3 and grads
+    assert alive_at_forward == [0, 0, 0]
+
+
 @pytest.mark.parametrize(
     "family, sizes, expected",
     [

@@ -174,10 +174,10 @@ def test_memory_methods_cost(tiny_ckpts):
 
 
 def test_inner_loop_counts_fast_weight_copies_per_stage():
-    """MemDLM's inner loop: the first (pre-anchor) stage holds the fast weights and their
-    gradients, later (anchor) stages also the previous stage's; the cross-entropy backward over
-    the masked tokens, three float32 [N, V] (measured: moe-m, 4 rows, 119 MiB, predicted 68
-    with the fast weights left out)."""
+    """MemDLM's inner loop: each stage holds the fast weights and their gradients (the previous
+    stage's are freed first: tests/test_memdlm.py); the cross-entropy backward over the masked
+    tokens, three float32 [N, V] (measured: moe-m, 4 rows, 119 MiB, predicted 68 with the fast
+    weights left out). The larger first (pre-anchor) mask makes the first stage the peak."""
     shape = released("llada_moe", dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=4,
                                        num_hidden_layers=4, expert_intermediate_size=256,
                                        dense_intermediate_size=1024, num_experts=16, num_experts_per_tok=4), 16384)
@@ -187,11 +187,13 @@ def test_inner_loop_counts_fast_weight_copies_per_stage():
     kept = 2 * 256 * 256 * 4
     block = 2 * mp.layer_bytes(shape, 256, "float32", backward=True)
     first = kept + max(block, 3 * 4 * 77 * 16384) + 2 * fast
-    later = kept + max(block, 3 * 4 * 52 * 16384) + 3 * fast
-    assert later > first  # the third copy outweighs the smaller anchor mask here
-    assert mp.decode_row_bytes(shape, run) == later  # the held copy is one of the three
+    later = kept + max(block, 3 * 4 * 52 * 16384) + 2 * fast
+    assert first > later
+    assert mp.decode_row_bytes(shape, run) == first  # the held copy is one of the two
     one_stage = dataclasses.replace(run, memory=dataclasses.replace(cost, anchor_fraction=0.0))
     assert mp.decode_row_bytes(shape, one_stage) == first
+    bigger_anchor = dataclasses.replace(run, memory=dataclasses.replace(cost, anchor_fraction=0.5))
+    assert mp.decode_row_bytes(shape, bigger_anchor) == kept + max(block, 3 * 4 * 128 * 16384) + 2 * fast
 
 
 def test_largest_batch_fits_the_free_memory(shape_8b):

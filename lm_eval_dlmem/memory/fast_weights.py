@@ -405,6 +405,9 @@ class FastWeightMemory(Memory):
                 updated = [self._sgd(p, g) for p, g in zip(params, grads)]
             for i, layer in enumerate(self.layers):
                 layer.fast_A, layer.fast_B = updated[2 * i], updated[2 * i + 1]
+            # free this stage's gradients and leaf copies before the next stage's forward: kept,
+            # they would be one more set of fast weights alive through its backward
+            del params, grads, updated
             losses.append(per_set.detach())
         self.last_losses = losses
         return losses

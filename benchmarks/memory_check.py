@@ -2,6 +2,7 @@
 
     python benchmarks/memory_check.py            # the reported sizes (a few minutes on 2 cores)
     python benchmarks/memory_check.py --quick    # two small cases (what tests/test_memory_plan.py runs)
+    python benchmarks/memory_check.py --dtype bfloat16 --onednn off   # bf16 without oneDNN's buffers
 
 Each case runs in a fresh process: load a random-init checkpoint, build the memory method, then
 reset the peak resident set (`/proc/self/clear_refs`, Linux) and decode (or score) one batch.
@@ -95,6 +96,10 @@ def run_case(case: dict) -> dict:
     from lm_eval_dlmem.decoding.likelihood import loglikelihood
 
     torch.set_num_threads(1)
+    # bfloat16 matmuls on CPU run through oneDNN, which keeps memory outside torch's tensors: a
+    # primitive cache (one entry per matmul shape, up to 1024; an MoE makes a new shape for every
+    # expert's token count) and reorder buffers. `off` measures the tensors alone.
+    torch.backends.mkldnn.enabled = case.get("onednn", "on") == "on"
     before_load = rss("VmRSS")
     bb = load_backbone(case["path"], dtype=case["dtype"])
     memory = build_memory(case["memory"], bb)
@@ -157,14 +162,14 @@ def make_models(names, root: str) -> dict:
     return paths
 
 
-def measure(cases, dtype: str = "float32", workers: int = 2) -> list[dict]:
+def measure(cases, dtype: str = "float32", workers: int = 2, onednn: str = "on") -> list[dict]:
     """Every case in its own fresh process; returns the result rows."""
     with tempfile.TemporaryDirectory() as root:
         paths = make_models(sorted({c[0] for c in cases}), root)
         os.environ.update(MALLOC_ENV)  # inherited by the spawned children
         ctx = mp.get_context("spawn")
         jobs = [dict(model=m, path=paths[m], mode=mode, batch=b, prompt=p, gen=g, cache=c, cfg=cfg, memory=mem,
-                     dtype=dtype) for m, mode, b, p, g, c, cfg, mem in cases]
+                     dtype=dtype, onednn=onednn) for m, mode, b, p, g, c, cfg, mem in cases]
         # a fresh process per case (max_tasks_per_child): each peak is its own
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, max_tasks_per_child=1) as pool:
             rows = list(pool.map(run_case, jobs))
@@ -184,6 +189,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two small cases only")
     p.add_argument("--dtype", default="float32", help="float32 or bfloat16")
+    p.add_argument("--onednn", choices=("on", "off"), default="on",
+                   help="off: torch.backends.mkldnn disabled (bfloat16 matmuls without oneDNN's own buffers)")
+    p.add_argument("--workers", type=int, default=2, help="cases measured at once (one process each)")
     p.add_argument("--repredict", help="a results .json: recompute its predictions, measure nothing")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "memory_check"),
                    help="results prefix (.json and .md are written)")
@@ -192,15 +200,16 @@ def main(argv=None) -> int:
         with open(args.repredict) as f:
             rows = repredict(json.load(f))
     else:
-        rows = measure(QUICK_CASES if args.quick else FULL_CASES, args.dtype)
+        rows = measure(QUICK_CASES if args.quick else FULL_CASES, args.dtype, args.workers, args.onednn)
     table = markdown(rows)
     print(table)
     if not args.quick:
         with open(args.out + ".json", "w") as f:
             json.dump(rows, f, indent=1)
         with open(args.out + ".md", "w") as f:
-            f.write(f"Memory model vs measured peak (CPU, {args.dtype}); command: "
-                    f"python benchmarks/memory_check.py --dtype {args.dtype}\n\n{table}")
+            onednn = "" if args.onednn == "on" else " --onednn off"
+            f.write(f"Memory model vs measured peak (CPU, {args.dtype}{', oneDNN off' if onednn else ''}); command: "
+                    f"python benchmarks/memory_check.py --dtype {args.dtype}{onednn}\n\n{table}")
     return 0
 
 

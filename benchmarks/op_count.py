@@ -36,6 +36,8 @@ import tempfile
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lm_eval_dlmem.memory import MemoryWrapper
+
 PACKAGE = os.sep + "lm_eval_dlmem" + os.sep
 
 
@@ -70,36 +72,35 @@ def _site() -> str:
     return "(outside lm_eval_dlmem)"
 
 
-class CountingMemory:
-    """A `Memory` around `inner` that counts every forward's ops: from before `before_forward`
-    to after `after_forward`, so the memory's own work around the forward is in the count.
-    `begin` (MemDLM's inner loop) is counted apart in `begin_ops`.
+class CountingMemory(MemoryWrapper):
+    """`inner` with every forward's ops counted: from before its `before_forward` to after its
+    `after_forward`, so the memory's own work around the forward is in the count. `begin`
+    (MemDLM's inner loop) is counted apart.
 
-    `forwards`: one `OpCounter` per forward, with `full` (refresh / no cache) recorded beside it.
+    Attributes:
+        forwards: (full, OpCounter) per forward, full = a refresh (or no-cache) forward.
+        begin_ops: one OpCounter per `begin`.
     """
 
     def __init__(self, inner):
-        from lm_eval_dlmem.memory import MemoryWrapper
-
-        class _Wrapper(MemoryWrapper):
-            def begin(w, *args, **kwargs):
-                with OpCounter() as c:
-                    MemoryWrapper.begin(w, *args, **kwargs)
-                self.begin_ops.append(c)
-
-            def before_forward(w, info):
-                self._counter = OpCounter().__enter__()
-                MemoryWrapper.before_forward(w, info)
-
-            def after_forward(w, info):
-                MemoryWrapper.after_forward(w, info)
-                self._counter.__exit__(None, None, None)
-                self.forwards.append((bool(info.full), self._counter))
-
-        self.memory = _Wrapper(inner)
+        super().__init__(inner)
         self.forwards: list[tuple[bool, OpCounter]] = []
         self.begin_ops: list[OpCounter] = []
         self._counter: OpCounter | None = None
+
+    def begin(self, *args, **kwargs) -> None:
+        with OpCounter() as counter:
+            super().begin(*args, **kwargs)
+        self.begin_ops.append(counter)
+
+    def before_forward(self, info) -> None:
+        self._counter = OpCounter().__enter__()
+        super().before_forward(info)
+
+    def after_forward(self, info) -> None:
+        super().after_forward(info)
+        self._counter.__exit__(None, None, None)
+        self.forwards.append((bool(info.full), self._counter))
 
 
 def tiny_backbone(family: str, root: str, dtype: str, layers: int):
@@ -136,7 +137,7 @@ def decode_counts(backbone, memory, *, prompt: int = 24, gen: int = 32, block: i
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(10, 200, (1, prompt), generator=g)
     cfg = DecodeConfig(gen_length=gen, steps=gen, block_length=block, cache="dual", stop_early=False)
-    generate(backbone, ids, None, cfg, counting.memory)
+    generate(backbone, ids, None, cfg, counting)
     return counting
 
 
@@ -171,20 +172,21 @@ def layer_counts(backbone) -> OpCounter:
     every layer of a dense backbone)."""
     from lm_eval_dlmem.backbones.common import DiffusionCache
 
-    layer = backbone.layers[0]
-    counter = OpCounter()
-    handles = [layer.register_forward_pre_hook(lambda m, a: counter.__enter__() and None),
-               layer.register_forward_hook(lambda m, a, o: counter.__exit__(None, None, None))]
+    layer, counter = backbone.layers[0], OpCounter()
     ids = torch.randint(10, 200, (1, 40), generator=torch.Generator().manual_seed(0))
     cache = DiffusionCache()
-    try:
-        with torch.no_grad():
-            backbone.logits(ids, None, cache=cache)  # fills the cache (counted, then reset)
-            counter.ops, counter.kernels, counter.sites = 0, 0, collections.Counter()
+    with torch.no_grad():
+        backbone.logits(ids, None, cache=cache)  # fills the cache
+
+        def counted(*args, **kwargs):
+            with counter:
+                return forward(*args, **kwargs)
+
+        forward, layer.forward = layer.forward, counted
+        try:
             backbone.logits(ids, None, cache=cache, window=(24, 40), keep=(24, 40))
-    finally:
-        for h in handles:
-            h.remove()
+        finally:
+            del layer.forward  # back to the class's forward
     return counter
 
 

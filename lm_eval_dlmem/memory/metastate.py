@@ -450,6 +450,16 @@ class MetaState(Memory, nn.Module):
             gate=torch.tanh(self.injector.gate),
         )
 
+    def fused_bytes(self) -> int:
+        """Bytes of the `Fused` tensors a session holds (counted, not built): what the memory
+        model adds for them (`memory_plan.MemoryCost.session`)."""
+        parts = [self.mixer.k.weight, self.mixer.v.weight, self.injector.k.weight, self.injector.v.weight,
+                 self.injector.gate]
+        parts += [p for m in (self.mixer.norm_s.mod, self.updater.norm_x.mod, self.injector.norm_s.mod)
+                  for p in (m.weight, m.bias)]
+        size = self.slot_init.element_size()
+        return size * (sum(p.numel() for p in parts) + self.config.time_dim // 2)
+
     def time_code(self, t: torch.Tensor, w: Fused) -> TimeCode:
         """t [B] mask ratios -> each module's AdaLN modulation: c = TimeConditioner(t) [B, d],
         then the three AdaLN `mod`s of c as one matmul ([B, 6d]: 3 scales, then 3 shifts)."""

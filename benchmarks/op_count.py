@@ -1,13 +1,14 @@
 """How many aten ops one denoising forward dispatches: the frozen backbone, + MetaState, + MemDLM.
 
-    python benchmarks/op_count.py                    # tiny random LLaDA and Dream, bf16 and float32
-    python benchmarks/op_count.py --family llada --dtype bfloat16 --json /tmp/ops.json
+    python benchmarks/op_count.py                    # LLaDA (32 layers) and Dream (28), bf16 and float32
+    python benchmarks/op_count.py --family llada --dtype bfloat16 --layers 2 --out /tmp/ops
 
 Why ops and not FLOPs: on a GPU at batch 1 a decode step is launch-bound (benchmarks/gpu_profile.py
 on the LLaDA-8B shape, H200: a dual-cache step is 9.3 ms of GPU time but 45 ms of wall time, about
 1150 small kernels per forward), so what a memory adds to a forward's wall time there is set by
 the number of ops it dispatches, not by their size. The count does not depend on the model's
-width, so a tiny random checkpoint on CPU gives the numbers of the full-size model per layer.
+width, so a tiny random checkpoint at the released depth gives the full-size model's count on CPU
+(the same ops; a GPU may run some of them as other kernels, e.g. the attention backend).
 
 Counted with a `TorchDispatchMode`: every aten op that reaches the dispatcher below autograd
 (composite ops such as `linear` arrive decomposed, e.g. `t` + `mm` + `_unsafe_view`). "kernels"
@@ -15,8 +16,8 @@ leaves out view ops (`view`, `t`, `expand`, `slice`, ...), which launch no GPU k
 cost a dispatch on the CPU side. Each op is attributed to the innermost function of this package
 on the Python stack (`site`), so the table shows which MetaState stage emits it.
 
-Setup: `make_tiny_checkpoint` (random, 2 layers, hidden 64), batch 1, prompt 24 tokens, gen 32,
-block 16, `cache=dual`, LLaDA's low-confidence schedule; MetaState is `MetaState.init_for(backbone)`
+Setup: `make_tiny_checkpoint` (random, hidden 64, the released depth unless `--layers`), batch 1,
+prompt 24 tokens, gen 32, block 16, `cache=dual`, LLaDA's low-confidence schedule; MetaState is `MetaState.init_for(backbone)`
 (default sizes, float32 as always), MemDLM is `FastWeightMemory` with the released inner-loop
 defaults. A dual-cache decode has two kinds of forward: the block refresh (whole canvas, fills the
 cache) and the window step (the block only, against the cache); the window step is the common one
@@ -39,6 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from lm_eval_dlmem.memory import MemoryWrapper
 
 PACKAGE = os.sep + "lm_eval_dlmem" + os.sep
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OpCounter(TorchDispatchMode):
@@ -221,25 +223,29 @@ def report(family: str, dtype: str, layers: int) -> dict:
     return out
 
 
-def print_report(r: dict) -> None:
+def markdown(r: dict) -> str:
+    """The tables of one `report`."""
     f = r["forwards"]
-    print(f"\n## {r['family']}, backbone {r['dtype']}, {r['layers']} layers, batch 1, cache=dual")
-    print("\n| forward | frozen ops (kernels) | +MetaState | +MemDLM |\n|---|---:|---:|---:|")
+    lines = [f"## {r['family']}, backbone {r['dtype']}, {r['layers']} layers, batch 1, cache=dual", "",
+             "| forward | frozen ops (kernels) | +MetaState | +MemDLM |", "|---|---:|---:|---:|"]
     for kind in FORWARDS:
         base = f["frozen"][kind]
         cells = [f"{base['ops']} ({base['kernels']})"]
         for mem in ("metastate", "memdlm"):
             m = f[mem][kind]
             cells.append(f"{m['ops']} ({m['kernels']}): +{m['ops'] - base['ops']} (+{m['kernels'] - base['kernels']})")
-        print(f"| {kind} | " + " | ".join(cells) + " |")
-    print(f"\nMemDLM inner loop (once per request, in `begin`): {f['memdlm']['begin_ops']} ops")
-    print(f"\none decoder layer, window forward: {r['layer']['ops']} ops ({r['layer']['kernels']} kernels)")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", f"MemDLM inner loop (once per request, in `begin`): {f['memdlm']['begin_ops']} ops", "",
+              f"one decoder layer, window forward: {r['layer']['ops']} ops ({r['layer']['kernels']} kernels)"]
     for title, sites in (("MetaState ops per window forward, by function", f["metastate"]["metastate_sites"]),
                          ("MemDLM ops per window forward, by function", f["memdlm"]["memdlm_sites"]),
                          ("one decoder layer, by function", r["layer"]["sites"])):
-        print(f"\n{title}:\n\n| site | ops | aten ops |\n|---|---:|---|")
-        for site, n, names in sites:
-            print(f"| `{site}` | {n} | {names} |")
+        lines += ["", f"{title}:", "", "| site | ops | aten ops |", "|---|---:|---|"]
+        lines += [f"| `{site}` | {n} | {names} |" for site, n, names in sites]
+    return "\n".join(lines) + "\n"
+
+
+RELEASED_DEPTH = {"llada": 32, "dream": 28}  # LLaDA-8B, Dream-7B
 
 
 def parse(argv=None):
@@ -247,20 +253,27 @@ def parse(argv=None):
     p.add_argument("--family", nargs="+", default=["llada", "dream"], choices=["llada", "dream"], help="tiny backbone families")
     p.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"],
                    help="backbone dtypes (the H200 runs bfloat16; MetaState stays float32)")
-    p.add_argument("--layers", type=int, default=2, help="decoder layers of the tiny backbone")
-    p.add_argument("--json", default=None, help="also write the counts to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of the tiny backbone (default: the released depth, LLaDA-8B 32, Dream-7B 28)")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "op_count"),
+                   help="results prefix (.json and .md are written)")
+    args = p.parse_args(argv)
+    if args.layers is not None and args.layers <= 0:
+        p.error(f"--layers={args.layers} must be a positive number of decoder layers.")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     torch.set_num_threads(1)
-    results = [report(fam, dt, args.layers) for fam in args.family for dt in args.dtype]
-    for r in results:
-        print_report(r)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    results = [report(fam, dt, args.layers or RELEASED_DEPTH[fam]) for fam in args.family for dt in args.dtype]
+    text = "\n".join(markdown(r) for r in results)
+    print(text)
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(f"MetaState / MemDLM ops per denoising forward (CPU, tiny random checkpoints); command: "
+                f"python benchmarks/op_count.py {' '.join(argv if argv is not None else sys.argv[1:])}\n\n{text}")
     return 0
 
 

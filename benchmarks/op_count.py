@@ -69,9 +69,18 @@ def _site() -> str:
     while frame is not None:
         path = frame.f_code.co_filename
         if PACKAGE in path:
-            return f"{os.path.basename(path)}:{frame.f_code.co_qualname}"
+            return f"{os.path.basename(path)}:{_qualname(frame)}"
         frame = frame.f_back
     return "(outside lm_eval_dlmem)"
+
+
+def _qualname(frame) -> str:
+    """`Class.method` of a frame (Python 3.11's `co_qualname`; before it, from `self`)."""
+    code = frame.f_code
+    if hasattr(code, "co_qualname"):
+        return code.co_qualname
+    owner = frame.f_locals.get("self")
+    return f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
 
 
 class CountingMemory(MemoryWrapper):

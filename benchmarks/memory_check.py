@@ -7,8 +7,8 @@
 Each case runs in a fresh process: load a random-init checkpoint, build the memory method, then
 reset the peak resident set (`/proc/self/clear_refs`, Linux) and decode (or score) one batch.
 Measured = peak resident set minus the resident set just before the batch: what the batch added
-on top of the loaded model. Predicted = `WORKSPACE + batch * decode_row_bytes` (or the
-likelihood's). The
+on top of the loaded model. Predicted = `WORKSPACE + session + batch * decode_row_bytes` (or the
+likelihood's; `session`: what the memory method builds when its session starts). The
 weights are checked separately: resident set added by `load_backbone` against `weight_bytes`.
 torch on CPU frees large tensors back to the OS (glibc mmap threshold), so the resident set
 follows the live tensors; the residual noise is allocator slack of a few MiB.
@@ -135,7 +135,7 @@ def predict(case: dict, bb, memory) -> dict:
                       memory=mp_.MemoryCost.of(memory))
     row = mp_.decode_row_bytes if case["mode"] == "decode" else mp_.likelihood_row_bytes
     return dict(weights_predicted=mp_.resident_bytes(shape, run),
-                predicted=mp_.WORKSPACE + case["batch"] * row(shape, run))
+                predicted=mp_.WORKSPACE + run.memory.session + case["batch"] * row(shape, run))
 
 
 def repredict(rows: list[dict]) -> list[dict]:

@@ -1,7 +1,7 @@
 """Peak-memory model of a run: what a backbone, its cache, its activations and its memory method
 need at the worst moment of a decode or likelihood batch, from config.json alone.
 
-    peak    = weights [+ MetaState parameters] + WORKSPACE + B * per_row        (linear in B)
+    peak    = weights [+ MetaState parameters] [+ session] + WORKSPACE + B * per_row   (linear in B)
     per_row = max(full forward, window forward, LM head, MemDLM inner loop) + memory state
     full forward   = R * (max(attention, feed-forward) + cache) [+ previous step's logits]
     attention      = 3 [l, C] held + q, k, v + RoPE temporaries (float32 copies for LLaDA)
@@ -21,6 +21,8 @@ Where each term comes from (measured with `benchmarks/memory_check.py`, module b
 - a cache holds keys/values at Hkv heads; the refreshing forward's own k and v are the cache's;
 - the likelihood scores the masked continuation positions only: its float32 log-softmax covers
   (b + 1) / 2b of them for a stratum of b rows;
+- MetaState builds fused copies of some weights when a session starts (`session`: the
+  concatenated projections of `MetaState.fused`, fewer ops per forward) and holds them to its end;
 - MemDLM holds one copy of its fast weights per row while decoding; its inner loop holds
   two (weights, gradients) in each stage, next to the masked tokens' cross-entropy.
 
@@ -257,6 +259,8 @@ class MemoryCost:
 
     Args:
         resident: bytes held for the whole run (MetaState's parameters).
+        session: bytes built when a session starts and held to its end, whatever the batch
+            (MetaState's fused weights, `MetaState.fused_bytes`).
         per_row: bytes per request kept across a decode (MetaState slots, one copy of MemDLM's
             fast weights).
         fast_layers: blocks the inner loop backpropagates through (0: no inner loop).
@@ -266,6 +270,7 @@ class MemoryCost:
     """
 
     resident: int = 0
+    session: int = 0
     per_row: int = 0
     fast_layers: int = 0
     mask_fraction: float = 0.0
@@ -279,7 +284,7 @@ class MemoryCost:
         if hasattr(inner, "slot_init"):  # MetaState: fp32 parameters, [M, d] state per row
             resident = sum(p.numel() * p.element_size() for p in inner.parameters())
             cfg = inner.config
-            return cls(resident=resident, per_row=4 * cfg.slots * cfg.width * 3)
+            return cls(resident=resident, session=inner.fused_bytes(), per_row=4 * cfg.slots * cfg.width * 3)
         if hasattr(inner, "first_layer") and inner.config.inner_steps > 0:
             return cls._fast_weights(inner)
         return cls()
@@ -445,19 +450,20 @@ def resident_bytes(shape: Shape, run: RunPlan) -> int:
 def decode_peak(shape: Shape, run: RunPlan, batch: int) -> int:
     """Predicted peak bytes of decoding a batch of `batch` requests."""
     check_positive(batch_size=batch)
-    return resident_bytes(shape, run) + WORKSPACE + batch * decode_row_bytes(shape, run)
+    return resident_bytes(shape, run) + run.memory.session + WORKSPACE + batch * decode_row_bytes(shape, run)
 
 
 def likelihood_peak(shape: Shape, run: RunPlan) -> int:
     """Predicted peak bytes of a likelihood forward of `mc_batch_size` rows."""
-    return resident_bytes(shape, run) + WORKSPACE + run.mc_batch_size * likelihood_row_bytes(shape, run)
+    return (resident_bytes(shape, run) + run.memory.session + WORKSPACE
+            + run.mc_batch_size * likelihood_row_bytes(shape, run))
 
 
 def largest_batch(shape: Shape, run: RunPlan, free_bytes: int, headroom: float = 0.9, cap: int | None = None) -> int:
     """The largest decode batch whose per-row bytes fit `headroom` of `free_bytes` (memory free
     with the model already loaded); at least 1 (the out-of-memory backoff has the last word),
     at most `cap`."""
-    n = max(1, (int(free_bytes * headroom) - WORKSPACE) // decode_row_bytes(shape, run))
+    n = max(1, (int(free_bytes * headroom) - WORKSPACE - run.memory.session) // decode_row_bytes(shape, run))
     return min(n, cap) if cap else n
 
 

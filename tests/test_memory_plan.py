@@ -159,6 +159,12 @@ def test_memory_methods_cost(tiny_ckpts):
     ms = MetaState.init_for(bb)
     cost = mp.MemoryCost.of(ms)
     assert cost.resident == sum(p.numel() * 4 for p in ms.parameters()) and cost.fast_layers == 0
+    fused = ms.fused()  # the weights a session fuses: held from its first forward to its end
+    assert cost.session == ms.fused_bytes() == sum(t.numel() * t.element_size() for t in vars(fused).values())
+    run = mp.RunPlan(prompt=64, gen_length=32)
+    shape = mp.Shape.from_config(bb.config.to_dict(), "llada")
+    with_ms = dataclasses.replace(run, memory=cost)
+    assert mp.decode_peak(shape, with_ms, 1) - mp.decode_peak(shape, run, 1) == cost.resident + cost.session + cost.per_row
     fw = FastWeightMemory(bb, MemDLMConfig(inner_targets="ffn", inner_layer_fraction=1.0))
     cost = mp.MemoryCost.of(fw)  # before any session: the targets are not wrapped yet
     fw.install()

@@ -106,10 +106,11 @@ def apply_rotary(q, k, cos, sin, full_precision: bool):
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dim: int) -> torch.Tensor:
-    x_rot, x_pass = x[..., :dim], x[..., dim:]
-    x1, x2 = x_rot[..., : dim // 2], x_rot[..., dim // 2 :]
-    rotated = x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin
-    return torch.cat((rotated, x_pass), dim=-1) if x_pass.shape[-1] else rotated
+    if dim < x.shape[-1]:  # partial rotary: the channels past `dim` pass through
+        return torch.cat((_rotate(x[..., :dim], cos, sin, dim), x[..., dim:]), dim=-1)
+    # full rotary: no split of x (two view ops less per call, at every layer of every forward)
+    x1, x2 = x[..., : dim // 2], x[..., dim // 2 :]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class DiffusionCache:

@@ -33,6 +33,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -92,16 +93,26 @@ class MetaStateConfig:
         return dataclasses.replace(self, read_layer=out[0], write_layer=out[1])
 
 
-def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """t [B] in [0, 1] -> [B, dim] sin/cos features (DDPM-style, t scaled to 0..1000)."""
+def sinusoid_freqs(dim: int, device) -> torch.Tensor:
+    """[dim / 2] frequencies of `sinusoid` (a constant: `MetaState` builds it once per session)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    return torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / half)
+
+
+def sinusoid(t: torch.Tensor, dim: int, freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """t [B] in [0, 1] -> [B, dim] sin/cos features (DDPM-style, t scaled to 0..1000).
+    freqs: `sinusoid_freqs(dim, t.device)`, passed in when the caller keeps it."""
+    freqs = sinusoid_freqs(dim, t.device) if freqs is None else freqs
     angles = 1000.0 * t.float()[:, None] * freqs[None]
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
 class AdaLN(nn.Module):
-    """LayerNorm whose scale/shift come from the time code: x [B, n, d], c [B, d]."""
+    """LayerNorm whose scale/shift come from the time code c [B, d]: LN(x) (1 + scale) + shift.
+
+    `mod` (c -> [scale; shift]) is not called here: `MetaState.time_code` runs the three AdaLNs'
+    `mod`s as one matmul per forward and hands each its `Modulation`.
+    """
 
     def __init__(self, d: int, eps: float):
         super().__init__()
@@ -110,9 +121,56 @@ class AdaLN(nn.Module):
         nn.init.zeros_(self.mod.weight)  # starts as a plain LayerNorm
         nn.init.zeros_(self.mod.bias)
 
-    def forward(self, x, c):
+    def forward(self, x, m: "Modulation"):  # x [B, n, d]
+        return self.modulate(self.norm(x), m)
+
+    def modulation(self, c) -> "Modulation":
+        """c [B, d] -> this AdaLN's `Modulation` on its own (`MetaState.time_code` fuses three)."""
         scale, shift = self.mod(c)[:, None].chunk(2, dim=-1)
-        return self.norm(x) * (1 + scale) + shift
+        return Modulation(1 + scale, shift)
+
+    @staticmethod
+    def modulate(normed, m: "Modulation"):
+        """normed = LN(x) [B, n, d] (computed once when two AdaLNs normalise the same x)."""
+        return normed * m.scale + m.shift
+
+
+class Modulation(NamedTuple):
+    """One AdaLN's modulation for this forward: scale = 1 + the `mod` scale half, shift; [B, 1, d]."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class TimeCode(NamedTuple):
+    """The time code c [B, d] of one forward and what it gives each module: their AdaLN modulations."""
+
+    c: torch.Tensor
+    mixer: Modulation
+    updater: Modulation
+    injector: Modulation
+
+
+@dataclass
+class Fused:
+    """MetaState's weights as one forward uses them: projections that read the same input
+    concatenated into one matmul, and constants computed once. At batch 1 on a GPU a forward's
+    time goes to launching kernels (benchmarks/op_count.py), so each op saved here counts.
+
+    Shapes: d width, C backbone hidden size, T time_dim.
+    """
+
+    freqs: torch.Tensor  # [T / 2] sinusoid frequencies
+    mod_weight: torch.Tensor  # [6d, d] the AdaLN `mod`s of Mixer, Updater, Injector: 3 scales, then 3 shifts
+    mod_bias: torch.Tensor  # [6d]
+    mixer_kv: torch.Tensor  # [2d, C] Mixer k; v
+    injector_kv: torch.Tensor  # [2d, d] Injector k; v
+    gate: torch.Tensor  # [C] tanh(Injector gate)
+
+
+def _tile(x: torch.Tensor, r: int) -> torch.Tensor:
+    """x repeated r times along dim 0 (no copy when r == 1)."""
+    return x if r == 1 else x.repeat(r, *[1] * (x.dim() - 1))
 
 
 def attend(q, k, v, heads: int, key_mask=None):
@@ -132,8 +190,8 @@ class TimeConditioner(nn.Module):
         self.fc1 = nn.Linear(cfg.time_dim, cfg.width)
         self.fc2 = nn.Linear(cfg.width, cfg.width)
 
-    def forward(self, t):
-        return self.fc2(F.silu(self.fc1(sinusoid(t, self.dim))))
+    def forward(self, t, freqs=None):  # t [B], freqs [time_dim / 2] (see `sinusoid`)
+        return self.fc2(F.silu(self.fc1(sinusoid(t, self.dim, freqs))))
 
 
 class Mixer(nn.Module):
@@ -149,9 +207,11 @@ class Mixer(nn.Module):
         self.v = nn.Linear(hidden, d, bias=False)
         self.o = nn.Linear(d, d, bias=False)
 
-    def forward(self, state, h, key_mask, c):  # state [B, M, d], h [B, l, C], key_mask [B, l]
-        h = self.norm_h(h)
-        out = attend(self.q(self.norm_s(state, c)), self.k(h), self.v(h), self.heads, key_mask)
+    def forward(self, state_ln, h, key_mask, m: Modulation, kv_weight):
+        """state_ln = LN(S) [B, M, d], h [B, l, C], key_mask [B, l] bool or None (every key),
+        kv_weight [2d, C] = [k; v] weights (`Fused.mixer_kv`) -> X [B, M, d]."""
+        k, v = F.linear(self.norm_h(h), kv_weight).chunk(2, dim=-1)
+        out = attend(self.q(AdaLN.modulate(state_ln, m)), k, v, self.heads, key_mask)
         return self.o(out)
 
 
@@ -165,8 +225,8 @@ class Updater(nn.Module):
         self.gates = nn.Linear(2 * d, 2 * d)  # update z and reset r
         self.cand = nn.Linear(2 * d, d)
 
-    def forward(self, x, state, c):
-        x = self.norm_x(x, c)
+    def forward(self, x, state, m: Modulation):  # x, state [B, M, d]
+        x = self.norm_x(x, m)
         z, r = torch.sigmoid(self.gates(torch.cat([x, state], dim=-1))).chunk(2, dim=-1)
         cand = torch.tanh(self.cand(torch.cat([x, r * state], dim=-1)))
         return (1 - z) * state + z * cand
@@ -187,10 +247,12 @@ class Injector(nn.Module):
         self.o = nn.Linear(d, hidden, bias=False)
         self.gate = nn.Parameter(torch.zeros(hidden))
 
-    def forward(self, h, state, c):  # h [B, l, C], state [B, M, d] -> delta [B, l, C]
-        s = self.norm_s(state, c)
-        out = attend(self.q(self.norm_h(h)), self.k(s), self.v(s), self.heads)
-        return torch.tanh(self.gate) * self.o(out)
+    def forward(self, h, state_ln, m: Modulation, kv_weight, gate):
+        """h [B, l, C], state_ln = LN(S) [B, M, d], kv_weight [2d, d] = [k; v] weights
+        (`Fused.injector_kv`), gate [C] = tanh(self.gate) -> delta [B, l, C]."""
+        k, v = F.linear(AdaLN.modulate(state_ln, m), kv_weight).chunk(2, dim=-1)
+        out = attend(self.q(self.norm_h(h)), k, v, self.heads)
+        return gate * self.o(out)
 
 
 class MetaState(Memory, nn.Module):
@@ -296,7 +358,11 @@ class MetaState(Memory, nn.Module):
     def _reset(self):
         self.state = None  # [B, M, d]
         self._mask = None  # [B, L] bool, real tokens of the canvas
-        self._cond = None  # [B, d] time code of the forward in flight
+        self._padded = False  # the canvas has padding (else the Mixer needs no key mask)
+        self._fused = None  # `Fused` of this session's no-gradient forwards
+        self._cond = None  # `TimeCode` of the forward in flight
+        self._state_ln = None  # [B, M, d] LN(state) of the forward in flight (Injector and Mixer)
+        self._w = None  # `Fused` of the forward in flight
         self._info = None
         self._read = None  # [B, l, C] read-layer output of the forward in flight
 
@@ -309,6 +375,7 @@ class MetaState(Memory, nn.Module):
         self.state = self.slot_init[None].expand(B, -1, -1).to(dev)
         mask = attention_mask if attention_mask is not None else torch.ones(B, L, dtype=torch.bool)
         self._mask = mask.to(dev).bool()
+        self._padded = not bool(self._mask.all())
         layers = backbone.layers
         # write first: with read_layer == write_layer the Mixer sees the injected output
         self._hooks = [
@@ -322,25 +389,29 @@ class MetaState(Memory, nn.Module):
         B = self.state.shape[0]
         if t.numel() != 1:
             self._rows(t.numel())  # B rows, or B rows per copy of a guidance batch (conditional first)
-        self._cond = self.time(t.expand(B) if t.numel() == 1 else t[:B])  # [B, d]
+        self._w = self.fused()
+        self._cond = self.time_code(t.expand(B) if t.numel() == 1 else t[:B], self._w)
+        # the Mixer and the Injector normalise the same state (their AdaLN LayerNorms are equal)
+        self._state_ln = self.mixer.norm_s.norm(self.state)
 
     def after_forward(self, info: StepInfo) -> None:
         if self._read is not None:
             h, key_mask = self._read
-            x = self.mixer(self.state, h, key_mask, self._cond)
-            state = self.updater(x, self.state, self._cond)
+            x = self.mixer(self._state_ln, h, key_mask, self._cond.mixer, self._w.mixer_kv)
+            state = self.updater(x, self.state, self._cond.updater)
             if info.visible is not None:  # a row waiting for its batch-mates keeps its state
                 live = info.visible[: state.shape[0]].any(-1).to(state.device)
                 state = torch.where(live[:, None, None], state, self.state)
             self.state = state
-        self._info, self._read = None, None
+        self._info, self._read, self._state_ln, self._w = None, None, None, None
 
     def select(self, rows: torch.Tensor) -> None:
         rows = torch.as_tensor(rows, device=self.slot_init.device).long()
         self.state = self.state.index_select(0, rows)
         self._mask = self._mask.index_select(0, rows)
         if self._cond is not None:
-            self._cond = self._cond.index_select(0, rows)
+            pick = lambda x: x.index_select(0, rows)  # noqa: E731
+            self._cond = TimeCode(pick(self._cond.c), *(Modulation(*map(pick, m)) for m in self._cond[1:]))
 
     def detach_state(self) -> None:
         """Cut the gradient path into the state built so far (truncated BPTT in training)."""
@@ -352,6 +423,50 @@ class MetaState(Memory, nn.Module):
             handle.remove()
         self._hooks = []
         self._reset()
+
+    # ---- per-forward inputs -------------------------------------------------------------------
+
+    def fused(self) -> Fused:
+        """The `Fused` weights for the forward about to run. Built once per session for forwards
+        without gradient (decoding, scoring), so they cost no op per forward; rebuilt at every
+        forward that records a gradient (training), so the gradient reaches the parameters and
+        an optimizer step between sessions is always seen."""
+        if torch.is_grad_enabled():
+            return self._fuse()
+        if self._fused is None:
+            self._fused = self._fuse()
+        return self._fused
+
+    def _fuse(self) -> Fused:
+        mods = (self.mixer.norm_s.mod, self.updater.norm_x.mod, self.injector.norm_s.mod)
+        weights = [m.weight.chunk(2, dim=0) for m in mods]  # (scale, shift) rows of each
+        biases = [m.bias.chunk(2, dim=0) for m in mods]
+        return Fused(
+            freqs=sinusoid_freqs(self.config.time_dim, self.slot_init.device),
+            mod_weight=torch.cat([w[0] for w in weights] + [w[1] for w in weights]),
+            mod_bias=torch.cat([b[0] for b in biases] + [b[1] for b in biases]),
+            mixer_kv=torch.cat([self.mixer.k.weight, self.mixer.v.weight]),
+            injector_kv=torch.cat([self.injector.k.weight, self.injector.v.weight]),
+            gate=torch.tanh(self.injector.gate),
+        )
+
+    def fused_bytes(self) -> int:
+        """Bytes of the `Fused` tensors a session holds (counted, not built): what the memory
+        model adds for them (`memory_plan.MemoryCost.session`)."""
+        parts = [self.mixer.k.weight, self.mixer.v.weight, self.injector.k.weight, self.injector.v.weight,
+                 self.injector.gate]
+        parts += [p for m in (self.mixer.norm_s.mod, self.updater.norm_x.mod, self.injector.norm_s.mod)
+                  for p in (m.weight, m.bias)]
+        size = self.slot_init.element_size()
+        return size * (sum(p.numel() for p in parts) + self.config.time_dim // 2)
+
+    def time_code(self, t: torch.Tensor, w: Fused) -> TimeCode:
+        """t [B] mask ratios -> each module's AdaLN modulation: c = TimeConditioner(t) [B, d],
+        then the three AdaLN `mod`s of c as one matmul ([B, 6d]: 3 scales, then 3 shifts)."""
+        c = self.time(t, w.freqs)
+        scales, shifts = F.linear(c, w.mod_weight, w.mod_bias)[:, None].chunk(2, dim=-1)  # [B, 1, 3d] each
+        scales = (1 + scales).chunk(3, dim=-1)
+        return TimeCode(c, *(Modulation(a, b) for a, b in zip(scales, shifts.chunk(3, dim=-1))))
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -376,23 +491,32 @@ class MetaState(Memory, nn.Module):
         if self._info is None:
             return None  # a forward outside before/after_forward: leave it alone
         B = self.state.shape[0]
-        s, e = self._span(output.shape[1])
-        key_mask = self._mask[:, s:e]
-        if self._info.visible is not None:  # only what the row forwards when decoded alone
-            key_mask = key_mask & self._info.visible[:B, s:e].to(key_mask.device)
-        # a row with no real token in the window would give NaN attention; let it read everything
-        key_mask = key_mask | ~key_mask.any(-1, keepdim=True)
         # with a guidance pass appended, the conditional rows come first
-        self._read = (output[:B].to(self.slot_init.device, self.slot_init.dtype), key_mask)
+        self._read = (output[:B].to(self.slot_init.device, self.slot_init.dtype), self._key_mask(output.shape[1]))
         return None
+
+    def _key_mask(self, l: int) -> torch.Tensor | None:
+        """[B, l] bool: the forwarded positions the Mixer reads; None when it reads them all
+        (no padding, no `StepInfo.visible`: a mask of ones would cost ops and change nothing)."""
+        visible = self._info.visible
+        s, e = self._span(l)
+        if not self._padded and visible is None:
+            return None
+        key_mask = self._mask[:, s:e]
+        if visible is not None:  # only what the row forwards when decoded alone
+            key_mask = key_mask & visible[: key_mask.shape[0], s:e].to(key_mask.device)
+        # a row with no real token in the window would give NaN attention; let it read everything
+        return key_mask | ~key_mask.any(-1, keepdim=True)
 
     def _write_hook(self, module, args, output):
         if self._info is None:
             return None
         r = self._rows(output.shape[0])
-        state, cond = self.state.repeat(r, 1, 1), self._cond.repeat(r, 1)
         h = output.to(self.slot_init.device, self.slot_init.dtype)
-        delta = self.injector(h, state, cond)
+        # under guidance (r = 2) the modulation is computed over the forwarded rows, as it always
+        # was: a matmul over 2B rows may round differently from one over B rows
+        m = self._cond.injector if r == 1 else self.injector.norm_s.modulation(self._cond.c.repeat(r, 1))
+        delta = self.injector(h, _tile(self._state_ln, r), m, self._w.injector_kv, self._w.gate)
         return output + delta.to(output.device, output.dtype)
 
     # ---- sizes ------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def check_reference_family(spec) -> None:
     """The reference functions are LLaDA's (no logit shift, bidirectional attention)."""
     if spec.logit_shift or spec.block_causal:
         raise ValueError(f"--reference: {spec.name} checkpoints do not decode or score like LLaDA's official "
-                         "generate() / eval_llada.py; benchmark a LLaDA or LLaDA-MoE checkpoint or pass --no-reference.")
+                         "generate() / eval_llada.py; benchmark a LLaDA or LLaDA-MoE checkpoint or pass "
+                         "--no-reference.")
 
 
 def check_reference_config(config) -> None:

@@ -45,7 +45,13 @@ def test_reference_pass_gives_our_answers_with_no_cache(tiny_ckpts, tmp_path, mo
 
 def test_reference_pass_refuses_what_it_has_no_counterpart_for():
     from lm_eval_dlmem import DecodeConfig
+    from lm_eval_dlmem.backbones.spec import DREAM, LLADA, LLADA2, LLADA_MOE
 
     with pytest.raises(ValueError, match=r"temperature=0.5 .*--no-reference"):
         harness.check_reference_config(DecodeConfig(temperature=0.5))
     harness.check_reference_config(DecodeConfig(strategy="threshold", cache="dual"))  # compared, not refused
+    for spec in (DREAM, LLADA2):  # shifted logits / block-causal attention: not LLaDA's generate()
+        with pytest.raises(ValueError, match="--no-reference"):
+            harness.check_reference_family(spec)
+    for spec in (LLADA, LLADA_MOE):
+        harness.check_reference_family(spec)

@@ -52,22 +52,27 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_TASKS = "dlmem_babilong_qa1_0k,dlmem_ruler_niah_single_1_1k,dlmem_demo_mc"
 
 
+# --clock: wall time, or this process's CPU time (with one math thread, what a request computes;
+# other jobs on a shared machine disturb it less than wall time)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 class Timed:
     """Times an LM's request methods in place (lm-eval needs the LM object itself): seconds and
     requests per method, and the requests (`Instance`s) and answers in request order."""
 
     METHODS = ("generate_until", "loglikelihood")
 
-    def __init__(self, lm):
-        self.lm, self.seconds, self.requests, self.answers, self.instances = lm, {}, {}, {}, {}
+    def __init__(self, lm, clock=time.perf_counter):
+        self.lm, self.clock, self.seconds, self.requests, self.answers, self.instances = lm, clock, {}, {}, {}, {}
         for name in self.METHODS:
             setattr(lm, name, self._timed(name, getattr(lm, name)))
 
     def _timed(self, name, method):
         def timed(requests, *args, **kwargs):
-            start = time.perf_counter()
+            start = self.clock()
             out = method(requests, *args, **kwargs)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
             self.requests[name] = self.requests.get(name, 0) + len(requests)
             self.answers.setdefault(name, []).extend(out)
             self.instances.setdefault(name, []).extend(requests)
@@ -159,7 +164,7 @@ def reference_loglikelihood(lm, requests) -> list[float]:
 REFERENCE = {"generate_until": reference_generate, "loglikelihood": reference_loglikelihood}
 
 
-def reference_pass(lm, instances: dict) -> dict:
+def reference_pass(lm, instances: dict, clock=time.perf_counter) -> dict:
     """Per method: seconds, requests, answers and documents of the reference pass over `instances`
     (the requests the LM was timed on)."""
     check_reference_family(lm.spec)
@@ -167,9 +172,9 @@ def reference_pass(lm, instances: dict) -> dict:
     for name, method in REFERENCE.items():
         if not instances.get(name):
             continue
-        start = time.perf_counter()
+        start = clock()
         answers = method(lm, instances[name])
-        out[name] = {"seconds": time.perf_counter() - start, "requests": len(instances[name]), "answers": answers,
+        out[name] = {"seconds": clock() - start, "requests": len(instances[name]), "answers": answers,
                      "docs": [(r.task_name, r.doc_id) for r in instances[name]]}
     return out
 
@@ -190,7 +195,7 @@ def run(batch_size: int, args, reference: bool = False) -> dict:
 
     model_args = f"pretrained={args.pretrained},batch_size={batch_size},{args.model_args}".rstrip(",")
     meta = {"pretrained": args.pretrained}  # the tasks size their prompts with this tokenizer
-    timer = Timed(get_model(args.model).create_from_arg_string(model_args, {"device": "cpu"}))
+    timer = Timed(get_model(args.model).create_from_arg_string(model_args, {"device": "cpu"}), CLOCKS[args.clock])
     lm_eval.simple_evaluate(
         model=timer.lm,
         tasks=args.tasks.split(","),
@@ -203,7 +208,7 @@ def run(batch_size: int, args, reference: bool = False) -> dict:
     out = {"batch_size": batch_size, "seconds": timer.seconds, "requests": timer.requests, "answers": timer.answers,
            "answer_tokens": answer_tokens(timer.lm, timer.answers.get("generate_until", []))}
     if reference:
-        out["reference"] = ref = reference_pass(timer.lm, timer.instances)
+        out["reference"] = ref = reference_pass(timer.lm, timer.instances, CLOCKS[args.clock])
         if "generate_until" in ref:
             ref["generate_until"]["answer_tokens"] = answer_tokens(timer.lm, ref["generate_until"]["answers"])
     return out
@@ -259,7 +264,7 @@ def summarize(runs: list[dict], args) -> dict:
                          "speedup": round(rps / base_rps, 2), "same_answers_as_batch_1": same,
                          "agreement": agreement(method, r, ref) if ref else None})
     return {"model": args.model, "pretrained": args.pretrained, "model_args": args.model_args,
-            "tasks": args.tasks, "limit": args.limit, "threads": args.threads, "note": args.note,
+            "tasks": args.tasks, "limit": args.limit, "threads": args.threads, "clock": args.clock, "note": args.note,
             "command": args.command, "rows": rows}
 
 
@@ -273,8 +278,10 @@ def agreement_text(method: str, a: dict | None) -> str:
 
 def markdown(res: dict) -> str:
     extra = f",{res['model_args']}" if res["model_args"] else " (preset defaults)"
+    clock = "process CPU" if res["clock"] == "cpu" else "wall"
     lines = [f"`{res['model']}`, pretrained={res['pretrained']}{extra}; tasks {res['tasks']}, "
-             f"limit {res['limit']}; {res['threads']} math threads." + (f" {res['note']}" if res["note"] else ""),
+             f"limit {res['limit']}; {res['threads']} math threads; seconds of {clock} time."
+             + (f" {res['note']}" if res["note"] else ""),
              "", f"Command: `{res['command']}`. Reference-style: the official code's way on the same requests and "
              "model, one request at a time (generate_until: ML-GSAI `generate()` with the LM's gen_length / "
              "block_length / steps, no cache, full-vocabulary logits, no early exit; loglikelihood: the "
@@ -302,6 +309,8 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=32)
     p.add_argument("--batch-sizes", default="1,8")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=CLOCKS, default="wall",
+                   help="time requests by wall time or by this process's CPU time (steadier on a shared machine)")
     p.add_argument("--name", default="harness", help="results file stem under --out")
     p.add_argument("--out", type=Path, default=RESULTS, help="directory for NAME.json and NAME.md")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,

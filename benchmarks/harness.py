@@ -17,9 +17,10 @@ same mc_num, stratum and per-request seed as the LM). Agreement with it is repor
 required: with the defaults (no cache, one token per step) the answers should be identical, with
 fast args (cache=dual, threshold) they may legitimately differ.
 
-    python benchmarks/harness.py                       # ~3 minutes on 2 CPU cores
+    python benchmarks/harness.py --no-reference        # ~3 minutes on 2 CPU cores (batch 1 and 8 only)
     python benchmarks/harness.py --limit 16 --tasks dlmem_demo_gen
-    python benchmarks/harness.py --proxy llada-8b --model_args cache=dual,threshold=0.9 --name harness_llada8b
+    python benchmarks/harness.py --proxy llada-8b --model_args cache=dual,threshold=0.9 --name harness_llada8b \
+        --limit 16 --threads 1 --clock cpu             # ~10 minutes, most of it the reference-style pass
 
 `--proxy` runs a proxy of `proxies.py` instead of `--pretrained` (llada-8b: the trained tiny-llada
 widened to LLaDA-8B's FLOP proportions, same tokenizer and answers).

@@ -13,9 +13,10 @@ request at a time, as the official evaluator `eval_llada.py` runs them): `genera
 position, low-confidence remasking, no early exit) with the gen_length / block_length / steps of
 the LM's resolved decode config, its answer cut by the task's `until` as the LM cuts it;
 `loglikelihood` through `decode.official_style_loglikelihood` (the official Monte Carlo loop,
-same mc_num, stratum and per-request seed as the LM). Agreement with it is reported, not
-required: with the defaults (no cache, one token per step) the answers should be identical, with
-fast args (cache=dual, threshold) they may legitimately differ.
+same mc_num, stratum and per-request seed as the LM). It runs the LM's backbone without its memory:
+MetaState or the MemDLM inner loop would show as disagreement. Agreement with it is reported, not required:
+with the defaults (no cache, one token per step) the answers should be identical, with fast args
+(cache=dual, threshold) they may legitimately differ.
 
     python benchmarks/harness.py --no-reference        # ~3 minutes on 2 CPU cores (batch 1 and 8 only)
     python benchmarks/harness.py --limit 16 --tasks dlmem_demo_gen

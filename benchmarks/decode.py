@@ -77,22 +77,30 @@ def mc_requests(tokenizer) -> list[tuple[list[int], list[int]]]:
 
 # ---- the cases (each runs in a fresh process) ---------------------------------------------------
 
-def reference_style(backbone, ids, attn, gen_length, block_length, max_steps):
-    """ML-GSAI/LLaDA generate() at temperature 0, steps = gen_length, stopped after max_steps."""
+def reference_style(backbone, ids, attn, gen_length, block_length, max_steps, steps=None):
+    """ML-GSAI/LLaDA generate() at temperature 0, stopped after max_steps (None: never).
+
+    steps: total denoising steps, split evenly over the blocks (default gen_length: one token per
+    step); a block's step i commits the official `get_num_transfer_tokens` count. attn None: no
+    attention mask is passed, as the official evaluator calls it (one unpadded prompt at a time).
+    """
     mask = backbone.spec.mask_id
     B, P = ids.shape
+    per_block = (steps or gen_length) // (gen_length // block_length)
+    counts = [block_length // per_block + (i < block_length % per_block) for i in range(per_block)]
     x = torch.cat([ids, torch.full((B, gen_length), mask)], 1)
-    attn = torch.cat([attn, torch.ones(B, gen_length, dtype=attn.dtype)], 1)
+    if attn is not None:
+        attn = torch.cat([attn, torch.ones(B, gen_length, dtype=attn.dtype)], 1)
     done = 0
     for b in range(gen_length // block_length):
         end = P + (b + 1) * block_length
-        for _ in range(block_length):
+        for count in counts:
             logits = backbone.model(x, attention_mask=attn).logits  # [B, L, V] at every position
             x0 = logits.argmax(-1)
             p = torch.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
             p[:, end:] = -torch.inf
             conf = torch.where(x == mask, p, -torch.inf)
-            pick = conf.topk(1, dim=-1).indices
+            pick = conf.topk(count, dim=-1).indices
             x.scatter_(1, pick, x0.gather(1, pick))
             done += 1
             if done == max_steps:

@@ -61,3 +61,15 @@ def test_training_data_is_not_the_evaluation_data(tok):
                                     20, seed=42)[0] for i in range(20)]
     train = [S.build_example("niah_noise", i, 256, tok, seed=0)["prompt"] for i in range(20)]
     assert not set(evals) & set(train)
+
+
+def test_copy_drill_repeats_the_list_and_stays_out_of_all_and_the_corpus(tok):
+    """`copy`: the answer is the prompt's list, item for item (what a needle's digits need);
+    as a drill it is trainable by name but not part of `all`, the tokenizer corpus or the
+    held-out task list, so the tiny default's recipe is unchanged by it."""
+    ex = S.build_example("copy", 2, 128, tok, seed=0)
+    listed = ex["answer"].strip()[:-1]
+    assert f"Memorize this list: {listed}.\n" in ex["prompt"] and len(listed.split(", ")) > 1
+    assert "copy" not in S.parse_tasks("all") and set(S.parse_tasks("all")) == set(S.TASKS) - {"copy"}
+    assert S.parse_tasks("copy:2,niah_noise") == {"copy": 2.0, "niah_noise": 1.0}
+    assert not any(t.startswith("Memorize this list") for t in S.corpus_texts(len(S.TASKS) * 2))

@@ -21,6 +21,10 @@ haystack (noise sentences, prose sentences or distractor needles):
     niah_multiquery  four keys asked together                               (niah_multiquery)
     vt               variable tracking, one chain of four hops              (vt)
     babi_qa1..5      bAbI-style stories hidden in prose                     (babilong qa1-qa5)
+    copy             repeat a list of needle keys and numbers               (no task: a lookup drill)
+
+`copy` teaches the lookup itself with a loss on every answer token: answer item j is prompt item
+j, the same position-aligned copy a needle's seven digits need, at a tenth of the examples.
 """
 
 from __future__ import annotations
@@ -120,6 +124,13 @@ def make_vt(rng: random.Random, units: int) -> tuple[str, str]:
     return text + prefix, " ".join(answers)
 
 
+def make_copy(rng: random.Random, units: int) -> tuple[str, str]:
+    """A list of `units` needle keys and seven-digit numbers, then the same list as the answer."""
+    items = [random_item(rng.choice(("words", "numbers")), rng) for _ in range(max(1, units))]
+    listed = ", ".join(items)
+    return f"Memorize this list: {listed}.\nRepeat the list exactly. The list is:", f" {listed}."
+
+
 # ---------------------------------------------------------------------------------------------
 # BABILong
 # ---------------------------------------------------------------------------------------------
@@ -159,10 +170,15 @@ TASKS: dict[str, Callable[[random.Random, int], tuple[str, str]]] = {
     "niah_multivalue": _niah("niah_multivalue", haystack="essay", num_values=4),
     "niah_multiquery": _niah("niah_multiquery", haystack="essay", num_keys=4, num_queries=4),
     "vt": make_vt,
+    "copy": make_copy,
     **{f"babi_{t}": (lambda t: lambda rng, units: make_babilong(t, rng, units))(t) for t in babi.TASKS},
 }
+# Drills: trainable by name, not evaluation tasks, so `all`, the tokenizer corpus and the held-out
+# task list leave them out (and the tiny default's recipe and tokenizer stay as they were).
+DRILLS = frozenset({"copy"})
+EVAL_TASKS = tuple(name for name in TASKS if name not in DRILLS)
 # Haystack units that are ~10 tokens each (noise/prose sentences) vs ~25 (distractor needles)
-UNIT_TOKENS = {"niah_needles": 25}
+UNIT_TOKENS = {"niah_needles": 25, "copy": 14}
 
 
 @dataclass
@@ -192,11 +208,12 @@ class SyntheticConfig:
 
 
 def parse_tasks(spec: str) -> dict[str, float]:
-    """`"niah_noise:2,vt,babi_qa1:0.5"` -> {"niah_noise": 2.0, "vt": 1.0, "babi_qa1": 0.5}; `all` = every task."""
+    """`"niah_noise:2,vt,babi_qa1:0.5"` -> {"niah_noise": 2.0, "vt": 1.0, "babi_qa1": 0.5}; `all` = every
+    evaluation task (drills such as `copy` only by name)."""
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, weight = part.partition(":")
-        names = list(TASKS) if name == "all" else [name]
+        names = list(EVAL_TASKS) if name == "all" else [name]
         for n in names:
             out[n] = float(weight) if weight else 1.0
     return out
@@ -268,7 +285,7 @@ def corpus_texts(n: int, seed: int = 0) -> list[str]:
     """Raw texts (prompt + answer) for training the tokenizer: n examples over every task."""
     texts = []
     for i in range(n):
-        task = sorted(TASKS)[i % len(TASKS)]
+        task = sorted(EVAL_TASKS)[i % len(EVAL_TASKS)]
         prompt, answer = TASKS[task](example_rng(seed, f"tok-{task}", i), 20)
         texts.append(prompt + answer)
     return texts

@@ -223,9 +223,9 @@ def _mean_se(values: list[float]) -> tuple[float, float, int]:
 
 def heldout_examples(tokenizer, seed: int, per_task: int, tokens: int) -> list[dict]:
     """Examples from data seed + 1000: never seen in training (which uses seed, seed + 1, ...)."""
-    from .synthetic import TASKS, build_example
+    from .synthetic import EVAL_TASKS, build_example
 
-    return [build_example(t, i, tokens, tokenizer, seed + 1000) for t in sorted(TASKS) for i in range(per_task)]
+    return [build_example(t, i, tokens, tokenizer, seed + 1000) for t in sorted(EVAL_TASKS) for i in range(per_task)]
 
 
 def evaluate_all(out: str, seed: int, per_task: int, tokens: int) -> dict:

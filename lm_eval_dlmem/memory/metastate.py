@@ -437,26 +437,31 @@ class MetaState(Memory, nn.Module):
             self._fused = self._fuse()
         return self._fused
 
-    def _fuse(self) -> Fused:
+    def _fused_sources(self):
+        """The parameters `Fused` is built from, for `_fuse` and `fused_bytes` alike: the three
+        AdaLN `mod`s (Mixer, Updater, Injector), the Mixer's and the Injector's (k, v), the gate."""
         mods = (self.mixer.norm_s.mod, self.updater.norm_x.mod, self.injector.norm_s.mod)
+        kv = ((self.mixer.k.weight, self.mixer.v.weight), (self.injector.k.weight, self.injector.v.weight))
+        return mods, kv, self.injector.gate
+
+    def _fuse(self) -> Fused:
+        mods, (mixer_kv, injector_kv), gate = self._fused_sources()
         weights = [m.weight.chunk(2, dim=0) for m in mods]  # (scale, shift) rows of each
         biases = [m.bias.chunk(2, dim=0) for m in mods]
         return Fused(
             freqs=sinusoid_freqs(self.config.time_dim, self.slot_init.device),
             mod_weight=torch.cat([w[0] for w in weights] + [w[1] for w in weights]),
             mod_bias=torch.cat([b[0] for b in biases] + [b[1] for b in biases]),
-            mixer_kv=torch.cat([self.mixer.k.weight, self.mixer.v.weight]),
-            injector_kv=torch.cat([self.injector.k.weight, self.injector.v.weight]),
-            gate=torch.tanh(self.injector.gate),
+            mixer_kv=torch.cat(mixer_kv),
+            injector_kv=torch.cat(injector_kv),
+            gate=torch.tanh(gate),
         )
 
     def fused_bytes(self) -> int:
         """Bytes of the `Fused` tensors a session holds (counted, not built): what the memory
         model adds for them (`memory_plan.MemoryCost.session`)."""
-        parts = [self.mixer.k.weight, self.mixer.v.weight, self.injector.k.weight, self.injector.v.weight,
-                 self.injector.gate]
-        parts += [p for m in (self.mixer.norm_s.mod, self.updater.norm_x.mod, self.injector.norm_s.mod)
-                  for p in (m.weight, m.bias)]
+        mods, kv, gate = self._fused_sources()
+        parts = [p for m in mods for p in (m.weight, m.bias)] + [w for pair in kv for w in pair] + [gate]
         size = self.slot_init.element_size()
         return size * (sum(p.numel() for p in parts) + self.config.time_dim // 2)
 
